@@ -1,0 +1,83 @@
+"""Kernel CPU list (``0-3,8``) and hex mask (``ff,00000003``) syntax for CPU sets of any size."""
+
+from __future__ import annotations
+
+import re
+
+CpuSet = frozenset[int]
+
+_RANGE = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+)/(\d+))?)?$")
+
+
+class CpuListError(ValueError):
+    """Text that is not a kernel cpulist or mask; the message says which part."""
+
+
+def parse(text: str) -> CpuSet:
+    """Parse kernel cpulist syntax, including the ``0-15:2/4`` group form the kernel accepts."""
+    cpus: set[int] = set()
+    text = text.strip()
+    if not text:
+        return frozenset()
+    for part in text.split(","):
+        match = _RANGE.match(part.strip())
+        if match is None:
+            raise CpuListError(f"{part.strip()!r} is not a CPU number or range (like 0-3,8)")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise CpuListError(f"range {part.strip()!r} runs backwards")
+        used, group = (int(match.group(3)), int(match.group(4))) if match.group(3) else (1, 1)
+        if used == 0 or group == 0 or used > group:
+            raise CpuListError(f"group {part.strip()!r} needs 0 < used <= group size")
+        cpus.update(cpu for cpu in range(first, last + 1) if (cpu - first) % group < used)
+    return frozenset(cpus)
+
+
+def format(cpus: CpuSet | set[int]) -> str:  # noqa: A001 - mirrors the kernel's "cpulist format"
+    """Format as the kernel prints ``*_list`` files: sorted ranges, ``""`` for the empty set."""
+    ordered = sorted(cpus)
+    parts: list[str] = []
+    start = prev = -2
+    for cpu in ordered:
+        if cpu == prev + 1:
+            prev = cpu
+            continue
+        if start >= 0:
+            parts.append(_span(start, prev))
+        start = prev = cpu
+    if start >= 0:
+        parts.append(_span(start, prev))
+    return ",".join(parts)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def parse_mask(text: str) -> CpuSet:
+    """Parse a hex mask as in ``smp_affinity`` and ``rps_cpus``: 32-bit groups, most significant first."""
+    cleaned = text.strip().replace(",", "")
+    if not cleaned:
+        return frozenset()
+    try:
+        value = int(cleaned, 16)
+    except ValueError:
+        raise CpuListError(f"{text.strip()!r} is not a hex CPU mask") from None
+    return frozenset(bit for bit in range(value.bit_length()) if value >> bit & 1)
+
+
+def format_mask(cpus: CpuSet | set[int], groups: int = 1) -> str:
+    """Format as a hex mask with at least ``groups`` comma-separated 32-bit groups (the kernel's width)."""
+    value = 0
+    for cpu in cpus:
+        value |= 1 << cpu
+    needed = max(groups, (max(cpus, default=0) // 32) + 1)
+    words = [(value >> (32 * i)) & 0xFFFFFFFF for i in reversed(range(needed))]
+    head = f"{words[0]:x}" if needed == 1 else f"{words[0]:08x}"
+    return ",".join([head, *(f"{word:08x}" for word in words[1:])])
+
+
+def mask_groups(text: str) -> int:
+    """How many 32-bit groups a kernel mask string has, to write masks back in the same width."""
+    return text.strip().count(",") + 1

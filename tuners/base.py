@@ -1,0 +1,70 @@
+"""The one interface every tuner implements, and the file-backed base most of them share.
+
+A tuner plans (pure: policy + host model -> actions), reads a target's current value, writes a value,
+and verifies a write held. Revert is generic: the engine writes back the journaled original with the
+same ``write``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+from collections.abc import Iterable
+from typing import Protocol
+
+from agentlat.operator import host, plan, policy
+
+ALLOWED_TOPS = ("proc", "sys")
+
+
+class Tuner(Protocol):
+    name: str
+
+    def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterable[plan.Action | plan.Skip]:
+        ...
+
+    def read(self, root: pathlib.Path, target: str) -> str:
+        """The target's current value; raises OSError (ENOENT when it vanished)."""
+        ...
+
+    def write(self, root: pathlib.Path, target: str, value: str) -> None:
+        """Set the target; raises OSError with the kernel's errno on refusal."""
+        ...
+
+    def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
+        """None when the desired value holds, else what is there instead (the write was contested)."""
+        ...
+
+
+class FileTuner:
+    """A tuner whose targets are files under ROOT/proc or ROOT/sys, one value per file."""
+
+    name = "file"
+
+    def read(self, root: pathlib.Path, target: str) -> str:
+        return safe_path(root, target).read_text().rstrip("\n")
+
+    def write(self, root: pathlib.Path, target: str, value: str) -> None:
+        path = safe_path(root, target)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)
+
+    def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
+        current = self.read(root, target)
+        return None if self.same(target, current, desired) else current
+
+    def same(self, target: str, current: str, desired: str) -> bool:
+        """Whether two values of ``target`` mean the same (``0-1`` and ``0,1`` do)."""
+        return current.strip() == desired.strip()
+
+
+def safe_path(root: pathlib.Path, target: str) -> pathlib.Path:
+    """ROOT/target, refused (EPERM) unless it stays under ROOT/proc or ROOT/sys: the host-safety rule."""
+    parts = pathlib.PurePosixPath(target).parts
+    if not parts or parts[0] not in ALLOWED_TOPS or ".." in parts or target.startswith("/"):
+        raise PermissionError(errno.EPERM, f"refusing to touch {target}: only proc/ and sys/ are tuned")
+    return root / target

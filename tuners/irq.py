@@ -1,0 +1,97 @@
+"""IRQ affinity: movable interrupts off agent CPUs, spread NUMA-locally over housekeeping CPUs."""
+
+from __future__ import annotations
+
+import fnmatch
+import pathlib
+from collections.abc import Iterator
+
+from agentlat.operator import cpulist, host, plan, policy
+from agentlat.tuners import base
+
+NAME = "irq"
+DEFAULT_AFFINITY = "proc/irq/default_smp_affinity"
+
+
+class IrqTuner(base.FileTuner):
+    name = NAME
+
+    def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
+        if policy.irq.move_off_agent_cpus and cpus.agent:
+            yield from _plan_irqs(policy, host, cpus)
+        if policy.irq.set_default_affinity and cpus.agent:
+            yield from _plan_default(host, cpus)
+
+    def same(self, target: str, current: str, desired: str) -> bool:
+        return _as_set(target, current) == _as_set(target, desired)
+
+    def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
+        current = self.read(root, target)
+        if not self.same(target, current, desired):
+            return current
+        if target.endswith("/smp_affinity_list"):
+            effective_file = target.replace("smp_affinity_list", "effective_affinity_list")
+            try:
+                effective = cpulist.parse(self.read(root, effective_file))
+            except FileNotFoundError:
+                return None
+            if effective and not effective <= _as_set(target, desired):
+                return f"{current} (effective {cpulist.format(effective)})"
+        return None
+
+
+def _as_set(target: str, text: str) -> cpulist.CpuSet:
+    return cpulist.parse(text) if target.endswith("_list") else cpulist.parse_mask(text)
+
+
+def _plan_irqs(policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
+    spread: dict[cpulist.CpuSet, int] = {}
+    for number in sorted(host.irqs):
+        irq = host.irqs[number]
+        if irq.affinity is None or not irq.affinity & cpus.agent:
+            continue
+        target = f"proc/irq/{number}/smp_affinity_list"
+        excluded_by = _excluded_by(irq, policy.irq.exclude)
+        if excluded_by is not None:
+            yield plan.Skip(NAME, target, f"{_describe(irq)}: excluded by spec.irq.exclude {excluded_by!r}")
+        elif not irq.movable:
+            yield plan.Skip(NAME, target, f"{_describe(irq)}: {irq.fixed_reason}")
+        else:
+            local = _local_housekeeping(irq, host, cpus)
+            index = spread.get(local, 0)
+            spread[local] = index + 1
+            cpu = sorted(local)[index % len(local)]
+            where = f"NUMA node {irq.node}" if local != cpus.housekeeping else "housekeeping"
+            yield plan.Action(NAME, target, cpulist.format(irq.affinity), str(cpu),
+                              f"{_describe(irq)} on agent CPUs {cpulist.format(irq.affinity & cpus.agent)}; "
+                              f"spread over {where} CPUs {cpulist.format(local)}")
+
+
+def _local_housekeeping(irq: host.Irq, host: host.Host, cpus: plan.Cpus) -> cpulist.CpuSet:
+    local = cpus.housekeeping & host.node_cpus(irq.node) if irq.node >= 0 else frozenset()
+    return local or cpus.housekeeping
+
+
+def _excluded_by(irq: host.Irq, patterns: tuple[str, ...]) -> str | None:
+    for pattern in patterns:
+        if pattern == str(irq.number) or any(fnmatch.fnmatchcase(action, pattern) for action in irq.actions):
+            return pattern
+    return None
+
+
+def _describe(irq: host.Irq) -> str:
+    serves = f" ({','.join(irq.devices)})" if irq.devices else ""
+    kind = f" {irq.msi.upper()}" if irq.msi else ""
+    return f"irq {irq.number} {irq.label}{kind}{serves}"
+
+
+def _plan_default(host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action]:
+    current = host.default_affinity
+    if current is None or cpulist.parse_mask(current) == cpus.housekeeping:
+        return
+    desired = cpulist.format_mask(cpus.housekeeping, cpulist.mask_groups(current))
+    yield plan.Action(NAME, DEFAULT_AFFINITY, current, desired,
+                      f"new IRQs start on housekeeping CPUs {cpulist.format(cpus.housekeeping)}")
+
+
+TUNER = IrqTuner()

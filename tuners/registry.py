@@ -1,0 +1,14 @@
+"""Every tuner, in the order the engine applies them (IRQs before the devices they serve)."""
+
+from __future__ import annotations
+
+from agentlat.tuners import base, irq
+
+ALL: tuple[base.Tuner, ...] = (irq.TUNER,)
+
+
+def by_name(name: str) -> base.Tuner:
+    for tuner in ALL:
+        if tuner.name == name:
+            return tuner
+    raise KeyError(f"no tuner named {name!r}")
