@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("agentlat: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: a message, never a traceback
+    except Exception as exc:
         if os.environ.get("AGENTLAT_DEBUG"):
             traceback.print_exc()
         print(f"agentlat: internal error: {type(exc).__name__}: {exc} "

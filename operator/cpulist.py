@@ -34,7 +34,7 @@ def parse(text: str) -> CpuSet:
     return frozenset(cpus)
 
 
-def format(cpus: CpuSet | set[int]) -> str:  # noqa: A001 - mirrors the kernel's "cpulist format"
+def format(cpus: CpuSet | set[int]) -> str:
     """Format as the kernel prints ``*_list`` files: sorted ranges, ``""`` for the empty set."""
     ordered = sorted(cpus)
     parts: list[str] = []

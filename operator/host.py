@@ -20,6 +20,7 @@ class Irq:
     chip: str
     hwirq: str
     affinity: cpulist.CpuSet | None
+    affinity_text: str | None
     effective: cpulist.CpuSet | None
     node: int
     pci: str | None
@@ -158,7 +159,7 @@ def _read_netdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str, 
             name=name,
             driver=fs.link_name(f"{base}/device/driver") if fs.is_dir(f"{base}/device") else None,
             pci=address,
-            numa_node=pci[address].numa_node if address in pci else -1,
+            numa_node=pci[address].numa_node if address is not None and address in pci else -1,
             rx_queues=tuple(_by_index(q for q in queues if q.startswith("rx-"))),
             tx_queues=tuple(_by_index(q for q in queues if q.startswith("tx-"))),
         )
@@ -177,7 +178,7 @@ def _read_blockdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str
             name=name,
             driver=_block_driver(fs, base) if has_device else None,
             pci=address,
-            numa_node=pci[address].numa_node if address in pci else -1,
+            numa_node=pci[address].numa_node if address is not None and address in pci else -1,
             schedulers=tuple(choice.strip("[]") for choice in choices),
             scheduler=current,
             nr_requests=fs.read_int(f"{base}/queue/nr_requests"),
@@ -246,6 +247,7 @@ def _read_irq(fs: hostfs.HostFS, number: int, chip: str, hwirq: str, actions: tu
         chip=chip,
         hwirq=hwirq,
         affinity=cpulist.parse(affinity_text) if affinity_text is not None else None,
+        affinity_text=affinity_text,
         effective=cpulist.parse(effective_text) if effective_text else None,
         node=_node(node) if node is not None and node >= 0 else (device.numa_node if device else -1),
         pci=device.address if device else None,

@@ -73,10 +73,11 @@ class HostFS:
 
     def link_name(self, rel: str) -> str | None:
         """Basename of a symlink's target (``device/driver`` -> ``virtio_net``), None if no link."""
-        resolved = self.resolve(rel)
-        if resolved == rel.strip("/") and not (self.root / rel).is_symlink():
+        parent, _, name = rel.strip("/").rpartition("/")
+        unlinked = f"{self.resolve(parent)}/{name}" if parent else name
+        if not (self.root / unlinked).is_symlink():
             return None
-        return pathlib.PurePosixPath(resolved).name
+        return pathlib.PurePosixPath(self.resolve(rel)).name
 
     def resolve(self, rel: str) -> str:
         """Resolve symlinks inside the root, component by component, recording each hop."""

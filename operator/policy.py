@@ -155,7 +155,8 @@ def from_object(document: Mapping[str, Any], source: str = "<object>") -> Policy
 
 def _load_document(document: Any) -> tuple[list[errors.Problem], Policy | None]:
     if not isinstance(document, dict):
-        return [errors.Problem("", f"expected a mapping with apiVersion/kind/metadata/spec, got {type(document).__name__}")], None
+        kind = type(document).__name__
+        return [errors.Problem("", f"expected a mapping with apiVersion/kind/metadata/spec, got {kind}")], None
     problems = _envelope_problems(document)
     body = {key: value for key, value in document.items() if key in ("spec", "status")}
     problems += validator().problems(body)
@@ -190,7 +191,7 @@ def _semantic_problems(spec: dict[str, Any]) -> list[errors.Problem]:
     housekeeping = _cpus_field(spec, "housekeepingCpus", problems)
     if "housekeepingCpus" in spec and housekeeping == frozenset():
         problems.append(errors.Problem("spec.housekeepingCpus", "the housekeeping set is empty"))
-    if isinstance(agent, frozenset) and housekeeping and agent & housekeeping:
+    if isinstance(agent, frozenset) and isinstance(housekeeping, frozenset) and agent & housekeeping:
         overlap = cpulist.format(agent & housekeeping)
         problems.append(errors.Problem("spec.housekeepingCpus", f"overlaps agentCpus on CPUs {overlap}"))
     for index, workload in enumerate(spec.get("workloads", ())):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +52,9 @@ def plan_table(result: plan.Plan) -> str:
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns sized to content; the last column wraps to the terminal width rather than overflowing."""
+    """Columns sized to content; on a terminal the last column wraps to its width, in a pipe never."""
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header) - 1)]
-    terminal = shutil.get_terminal_size((160, 24)).columns
+    terminal = shutil.get_terminal_size().columns if sys.stdout.isatty() else 100_000
     last_width = max(30, terminal - sum(widths) - 2 * len(widths))
     out = []
     for row in [header, *rows]:

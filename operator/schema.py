@@ -59,10 +59,15 @@ class Validator:
         self._cel = celpy.Environment()
 
     def problems(self, document: Json) -> list[errors.Problem]:
-        found = [_problem(error) for error in self._json.iter_errors(document)]
+        """One problem per field path (a type error wins over what follows from it), CEL rules only
+        once the structure is right, as the API server orders them."""
+        found: dict[str, errors.Problem] = {}
+        for error in sorted(self._json.iter_errors(document), key=lambda e: e.validator != "type"):
+            problem = _problem(error)
+            found.setdefault(problem.path, problem)
         if not found:
-            found = list(self._cel_problems(self.schema, document, ""))
-        return sorted(set(found), key=lambda problem: problem.path)
+            found = {p.path: p for p in self._cel_problems(self.schema, document, "")}
+        return sorted(found.values(), key=lambda problem: problem.path)
 
     def default(self, document: Json) -> Json:
         return apply_defaults(self.schema, document)
@@ -82,7 +87,7 @@ class Validator:
 
     def _rule_holds(self, rule: str, value: Json) -> bool:
         program = _compiled(self._cel, rule)
-        return bool(program.evaluate({"self": celpy.json_to_cel(value)}))
+        return bool(program.evaluate({"self": celpy.json_to_cel(value)}))  # type: ignore[attr-defined]
 
 
 _PROGRAMS: dict[str, Any] = {}
@@ -167,18 +172,20 @@ def _describe(error: jsonschema.ValidationError, path: str, description: str) ->
         known = sorted(schema.get("properties", {}))
         unknown = sorted(set(error.instance) - set(known))
         field = unknown[0] if unknown else "?"
-        hint = difflib.get_close_matches(field, known, n=1)
-        suggestion = f" (did you mean {hint[0]}?)" if hint else f" (known: {', '.join(known)})" if known else ""
+        close = difflib.get_close_matches(field, known, n=1)
+        suggestion = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(known)})" if known else ""
         return _join(path, field), f"unknown field{suggestion}"
     if kind == "type":
-        return path, f"{value} is {_article(_type_name(error.instance))}, expected {_types(schema['type'])}"
+        hint = " (YAML reads yes/no/on/off as booleans: quote it)" if isinstance(error.instance, bool) else ""
+        return path, f"{value} is {_article(_type_name(error.instance))}, expected {_types(schema['type'])}{hint}"
     if kind == "enum":
         return path, f"{value} is not one of {', '.join(map(str, schema['enum']))}"
     if kind in ("minimum", "maximum"):
         low, high = schema.get("minimum"), schema.get("maximum")
         if low is not None and high is not None:
             return path, f"{value} is out of range {low}..{high}"
-        return path, f"{value} is {'below the minimum' if kind == 'minimum' else 'above the maximum'} {error.validator_value}"
+        side = "below the minimum" if kind == "minimum" else "above the maximum"
+        return path, f"{value} is {side} {error.validator_value}"
     if kind == "pattern":
         return path, f"{value} is not valid: {_first_sentence(description, error.validator_value)}"
     if kind in ("maxItems", "minItems", "maxLength", "minLength"):
@@ -209,7 +216,7 @@ def _article(name: str) -> str:
 def _types(expected: Json) -> str:
     names = {"object": "mapping", "array": "list"}
     if isinstance(expected, list):
-        return " or ".join(names.get(item, item) for item in expected)
+        return " or ".join(names.get(str(item), str(item)) for item in expected)
     return str(names.get(expected, expected))
 
 

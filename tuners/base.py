@@ -47,7 +47,7 @@ class FileTuner:
 
     def write(self, root: pathlib.Path, target: str, value: str) -> None:
         path = safe_path(root, target)
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
             os.write(fd, value.encode())
         finally:

@@ -46,9 +46,14 @@ def _as_set(target: str, text: str) -> cpulist.CpuSet:
 
 def _plan_irqs(policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
     spread: dict[cpulist.CpuSet, int] = {}
+    ordered: dict[cpulist.CpuSet, list[int]] = {}
+    on_agent: dict[str | None, str] = {}  # IRQs share a handful of distinct masks: intersect each once
     for number in sorted(host.irqs):
         irq = host.irqs[number]
-        if irq.affinity is None or not irq.affinity & cpus.agent:
+        if irq.affinity_text not in on_agent:
+            on_agent[irq.affinity_text] = cpulist.format((irq.affinity or frozenset()) & cpus.agent)
+        touched = on_agent[irq.affinity_text]
+        if not touched:
             continue
         target = f"proc/irq/{number}/smp_affinity_list"
         excluded_by = _excluded_by(irq, policy.irq.exclude)
@@ -60,11 +65,17 @@ def _plan_irqs(policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Itera
             local = _local_housekeeping(irq, host, cpus)
             index = spread.get(local, 0)
             spread[local] = index + 1
-            cpu = sorted(local)[index % len(local)]
-            where = f"NUMA node {irq.node}" if local != cpus.housekeeping else "housekeeping"
-            yield plan.Action(NAME, target, cpulist.format(irq.affinity), str(cpu),
-                              f"{_describe(irq)} on agent CPUs {cpulist.format(irq.affinity & cpus.agent)}; "
-                              f"spread over {where} CPUs {cpulist.format(local)}")
+            if local not in ordered:
+                ordered[local] = sorted(local)
+            choices = ordered[local]
+            where = f"NUMA node {irq.node} housekeeping" if local != cpus.housekeeping else "housekeeping"
+            yield plan.Action(NAME, target, irq.affinity_text, str(choices[index % len(choices)]),
+                              f"{_describe(irq)} on agent CPUs {touched}; spread over {where} CPUs "
+                              f"{_shown(ordered, local)}")
+
+
+def _shown(ordered: dict[cpulist.CpuSet, list[int]], local: cpulist.CpuSet) -> str:
+    return cpulist.format(ordered[local]) if len(ordered[local]) < 64 else f"({len(local)} CPUs)"
 
 
 def _local_housekeeping(irq: host.Irq, host: host.Host, cpus: plan.Cpus) -> cpulist.CpuSet:

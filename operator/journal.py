@@ -1,0 +1,209 @@
+"""Write-ahead journal of original host values (sqlite in the state dir).
+
+Every method commits (WAL, synchronous=FULL: fsynced) before it returns, so the caller may touch the
+host as soon as `record_original` returns and a SIGKILL or power cut right after loses nothing.
+Originals belong to a boot: after a reboot the kernel has reset the values and IRQ numbers may differ,
+so an original recorded under another boot id is never written back (see `drop_stale_boots`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+DEFAULT_STATE_DIR = pathlib.Path("/var/lib/agentlat")
+OUTCOMES = frozenset({"Applied", "Unchanged", "Unsupported", "Failed", "Contested"})
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS originals (
+    tuner TEXT NOT NULL,
+    target TEXT NOT NULL,
+    boot_id TEXT NOT NULL,
+    original TEXT,  -- NULL: the target did not exist or had no value
+    desired TEXT NOT NULL,
+    policy TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    outcome TEXT,
+    detail TEXT NOT NULL DEFAULT '',
+    recorded_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (tuner, target, boot_id)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_COLUMNS = (
+    "tuner, target, original, desired, policy, generation, boot_id, outcome, detail, recorded_at, updated_at"
+)
+
+
+class JournalLocked(Exception):
+    """Another process (or another `Journal.lock()` in this one) holds the state dir."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    tuner: str
+    target: str
+    original: str | None
+    desired: str
+    policy: str
+    generation: int
+    boot_id: str
+    outcome: str | None  # None until the first `record_outcome`
+    detail: str
+    recorded_at: float  # when the original was recorded
+    updated_at: float  # when desired/policy/generation were last recorded
+
+
+class Journal:
+    def __init__(
+        self, conn: sqlite3.Connection, state_dir: pathlib.Path, boot_id: str, clock: Callable[[], float]
+    ) -> None:
+        self.state_dir = state_dir
+        self.boot_id = boot_id
+        self._conn = conn
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls, state_dir: pathlib.Path, boot_id: str, *, clock: Callable[[], float] = time.time
+    ) -> Journal:
+        if not state_dir.is_dir():
+            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            state_dir.chmod(0o700)  # whatever the umask
+            _fsync_dir(state_dir.parent)
+        # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
+        conn = sqlite3.connect(state_dir / "journal.sqlite3", isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        # sqlite fsyncs the directory for the WAL it creates, not for the database file itself.
+        _fsync_dir(state_dir)
+        return cls(conn, state_dir, boot_id, clock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold `state_dir/lock` so that two applies or reverts on one state dir cannot interleave.
+
+        An flock belongs to the open file description: the kernel drops it when the holder dies, and
+        a second `lock()` conflicts even within one process.
+        """
+        path = self.state_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JournalLocked(_holder_message(fd, path)) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+    def record_original(
+        self, tuner: str, target: str, original: str | None, desired: str, policy: str, generation: int
+    ) -> None:
+        """Record what `target` held before this boot's first write; later calls keep that original."""
+        now = self._clock()
+        self._execute(
+            "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation,"
+            " recorded_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (tuner, target, boot_id) DO UPDATE SET desired = excluded.desired,"
+            " policy = excluded.policy, generation = excluded.generation, updated_at = excluded.updated_at",
+            (tuner, target, self.boot_id, original, desired, policy, generation, now, now),
+        )
+
+    def record_outcome(self, tuner: str, target: str, outcome: str, detail: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {sorted(OUTCOMES)}")
+        updated = self._execute(
+            "UPDATE originals SET outcome = ?, detail = ? WHERE tuner = ? AND target = ? AND boot_id = ?",
+            (outcome, detail, tuner, target, self.boot_id),
+        )
+        if updated == 0:
+            raise KeyError(f"no original recorded for {tuner} {target} in boot {self.boot_id}")
+
+    def entries(self, current_boot_only: bool = True) -> list[Entry]:
+        """Entries in the order their originals were first recorded (revert walks them backwards)."""
+        if current_boot_only:
+            return self._select("WHERE boot_id = ?", (self.boot_id,))
+        return self._select("", ())
+
+    def forget(self, tuner: str, target: str) -> None:
+        """Drop the entry once its original has been written back."""
+        self._execute(
+            "DELETE FROM originals WHERE tuner = ? AND target = ? AND boot_id = ?",
+            (tuner, target, self.boot_id),
+        )
+
+    def stale_boot_entries(self) -> list[Entry]:
+        return self._select("WHERE boot_id != ?", (self.boot_id,))
+
+    def drop_stale_boots(self) -> int:
+        """Drop originals recorded under another boot; returns how many."""
+        return self._execute("DELETE FROM originals WHERE boot_id != ?", (self.boot_id,))
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def _select(self, where: str, params: tuple[Any, ...]) -> list[Entry]:
+        rows = self._query(f"SELECT {_COLUMNS} FROM originals {where} ORDER BY rowid", params)
+        return [Entry(*row) for row in rows]
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run (and, autocommit, durably commit) one write; returns the number of rows changed."""
+        with self._lock:
+            return self._conn.execute(sql, params).rowcount
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+
+def _holder_message(fd: int, path: pathlib.Path) -> str:
+    pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    holder = f"another agentlat apply (pid {pid})" if pid.isdigit() else "another agentlat apply"
+    return f"{holder} holds {path}"
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
