@@ -16,8 +16,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from agentlat.operator import cpulist, host, planner, policy  # noqa: E402
-from tests import hostgen  # noqa: E402
+from agentlat.operator import cpulist, host, planner, policy
+from tests import hostgen
 
 CPUS = 512
 QUEUES_PER_NIC = 63  # + 1 async IRQ = 64 IRQs a NIC

@@ -18,6 +18,7 @@ import subprocess
 from collections import abc
 
 import pytest
+
 from agentlat.tuners import ethtool
 
 pytestmark = [
