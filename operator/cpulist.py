@@ -34,7 +34,7 @@ def parse(text: str) -> CpuSet:
     return frozenset(cpus)
 
 
-def format(cpus: CpuSet | set[int]) -> str:
+def format(cpus: Iterable[int]) -> str:  # noqa: A001 - the kernel calls this the "cpulist format"
     """Format as the kernel prints ``*_list`` files: sorted ranges, ``""`` for the empty set."""
     ordered = sorted(cpus)
     parts: list[str] = []
