@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 CpuSet = frozenset[int]
 
@@ -34,7 +35,7 @@ def parse(text: str) -> CpuSet:
     return frozenset(cpus)
 
 
-def format(cpus: Iterable[int]) -> str:  # noqa: A001 - the kernel calls this the "cpulist format"
+def format(cpus: Iterable[int]) -> str:
     """Format as the kernel prints ``*_list`` files: sorted ranges, ``""`` for the empty set."""
     ordered = sorted(cpus)
     parts: list[str] = []
