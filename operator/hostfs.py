@@ -17,8 +17,10 @@ MANIFEST = "agentlat-snapshot.json"
 
 
 class HostFS:
-    def __init__(self, root: pathlib.Path, record: bool = False) -> None:
+    def __init__(self, root: pathlib.Path, record: bool = False,
+                 overrides: dict[str, str] | None = None) -> None:
         self.root = root
+        self.overrides = overrides or {}
         self.recording = record
         self.files: set[str] = set()
         self.dirs: dict[str, list[str]] = {}
@@ -29,7 +31,10 @@ class HostFS:
         return self.root / rel
 
     def read(self, rel: str) -> str | None:
-        """The file's text without the trailing newline, or None if it is absent or unreadable."""
+        """The file's text without the trailing newline, or None if it is absent or unreadable.
+        An override (a journaled original) stands in for the file's live content."""
+        if rel in self.overrides:
+            return self.overrides[rel]
         real = self.resolve(rel)
         try:
             text = (self.root / real).read_text(errors="replace")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from agentlat.operator import cpulist, plan
+from agentlat.operator import cpulist, engine, journal, plan
 
 FORMATS = ("table", "json", "yaml")
 
@@ -48,6 +49,84 @@ def plan_table(result: plan.Plan) -> str:
         lines += ["", "Skipped (reported, not written):",
                   table(("TUNER", "TARGET", "REASON"), [(s.tuner, s.target, s.reason) for s in result.skips])]
     lines += ["", f"{len(result.actions)} actions, {len(result.skips)} skipped. Dry run: nothing was written."]
+    return "\n".join(lines) + "\n"
+
+
+def report_document(report: engine.Report, skips: Sequence[plan.Skip] = ()) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for result in report.results:
+        counts[result.outcome] = counts.get(result.outcome, 0) + 1
+    return {
+        "complete": report.complete,
+        "writes": report.writes,
+        "stopped": report.stopped,
+        "killed": report.killed,
+        "notRun": report.not_run,
+        "staleBootEntriesDropped": report.stale_dropped,
+        "outcomes": counts,
+        "results": [dataclasses.asdict(result) for result in report.results],
+        "skipped": [{"tuner": s.tuner, "target": s.target, "reason": s.reason} for s in skips],
+    }
+
+
+def report_table(report: engine.Report, skips: Sequence[plan.Skip] = ()) -> str:
+    lines: list[str] = []
+    if report.results:
+        rows = [(r.outcome, r.tuner, r.target, f"{_shown(r.before)} -> {_shown(r.after)}", r.detail)
+                for r in report.results]
+        lines.append(table(("OUTCOME", "TUNER", "TARGET", "CHANGE", "DETAIL"), rows))
+    if skips:
+        lines += ["", "Skipped (reported, not written):",
+                  table(("TUNER", "TARGET", "REASON"), [(s.tuner, s.target, s.reason) for s in skips])]
+    document = report_document(report)
+    summary = ", ".join(f"{count} {outcome}" for outcome, count in sorted(document["outcomes"].items()))
+    state = "stopped before the end" if report.stopped else "complete" if report.complete else "partial"
+    notes = [f"{summary or 'nothing to do'}", f"{report.writes} writes", state]
+    if report.not_run:
+        notes.append(f"{report.not_run} not run")
+    if report.stale_dropped:
+        notes.append(f"dropped {report.stale_dropped} originals from an earlier boot")
+    lines += ["", "; ".join(notes)]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _shown(value: str | None) -> str:
+    if value is None:
+        return "-"
+    return value if len(value) <= 40 else value[:37] + "..."
+
+
+def status_document(applied: dict[str, str | None], entries: Sequence[journal.Entry],
+                    drift: Sequence[engine.Drift]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.outcome or "Recorded"] = counts.get(entry.outcome or "Recorded", 0) + 1
+    generation = applied.get("generation")
+    return {
+        "policy": applied.get("policy"),
+        "generation": int(generation) if generation else None,
+        "targets": len(entries),
+        "outcomes": counts,
+        "drifted": len(drift),
+        "drift": [dataclasses.asdict(item) for item in drift],
+        "entries": [{"tuner": e.tuner, "target": e.target, "original": e.original, "desired": e.desired,
+                     "outcome": e.outcome, "detail": e.detail, "policy": e.policy, "generation": e.generation}
+                    for e in entries],
+    }
+
+
+def status_table(document: dict[str, Any]) -> str:
+    if not document["targets"]:
+        return "Nothing applied on this host (the journal is empty).\n"
+    outcomes = ", ".join(f"{n} {outcome}" for outcome, n in sorted(document["outcomes"].items()))
+    lines = [f"Policy {document['policy']} generation {document['generation']}: {document['targets']} targets "
+             f"journaled ({outcomes})"]
+    if document["drift"]:
+        lines += ["", f"Drifted ({document['drifted']}): someone else changed these since apply",
+                  table(("TUNER", "TARGET", "DESIRED", "NOW"),
+                        [(d["tuner"], d["target"], d["desired"], _shown(d["current"])) for d in document["drift"]])]
+    else:
+        lines.append("No drift: every applied value still holds.")
     return "\n".join(lines) + "\n"
 
 

@@ -18,6 +18,10 @@ from agentlat.operator import host, plan, policy
 ALLOWED_TOPS = ("proc", "sys")
 
 
+class Unsupported(Exception):
+    """This host cannot do what the action asks (a file the kernel lacks, a driver that refuses)."""
+
+
 class Tuner(Protocol):
     name: str
 
@@ -36,6 +40,14 @@ class Tuner(Protocol):
         """None when the desired value holds, else what is there instead (the write was contested)."""
         ...
 
+    def same(self, target: str, current: str, desired: str) -> bool:
+        """Whether two values of ``target`` mean the same (``0-1`` and ``0,1`` do)."""
+        ...
+
+    def detail(self, root: pathlib.Path, target: str, desired: str) -> str:
+        """Anything worth reporting after a successful write (e.g. the effective IRQ CPU)."""
+        ...
+
 
 class FileTuner:
     """A tuner whose targets are files under ROOT/proc or ROOT/sys, one value per file."""
@@ -49,7 +61,7 @@ class FileTuner:
         path = safe_path(root, target)
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
         try:
-            os.write(fd, value.encode())
+            os.write(fd, value.encode() if value.endswith("\n") else f"{value}\n".encode())
         finally:
             os.close(fd)
 
@@ -60,6 +72,9 @@ class FileTuner:
     def same(self, target: str, current: str, desired: str) -> bool:
         """Whether two values of ``target`` mean the same (``0-1`` and ``0,1`` do)."""
         return current.strip() == desired.strip()
+
+    def detail(self, root: pathlib.Path, target: str, desired: str) -> str:
+        return ""
 
 
 def safe_path(root: pathlib.Path, target: str) -> pathlib.Path:

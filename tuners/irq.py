@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import pathlib
 from collections.abc import Iterator
@@ -22,22 +23,34 @@ class IrqTuner(base.FileTuner):
         if policy.irq.set_default_affinity and cpus.agent:
             yield from _plan_default(host, cpus)
 
+    def write(self, root: pathlib.Path, target: str, value: str) -> None:
+        try:
+            super().write(root, target, value)
+        except OSError as exc:
+            if exc.errno in (errno.EIO, errno.EPERM) and target != DEFAULT_AFFINITY:
+                reason = "managed, per-CPU or otherwise unmovable IRQ"
+                raise base.Unsupported(f"kernel refused the affinity ({errno.errorcode[exc.errno]}): {reason}") from exc
+            raise
+
     def same(self, target: str, current: str, desired: str) -> bool:
         return _as_set(target, current) == _as_set(target, desired)
 
     def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
         current = self.read(root, target)
-        if not self.same(target, current, desired):
-            return current
-        if target.endswith("/smp_affinity_list"):
-            effective_file = target.replace("smp_affinity_list", "effective_affinity_list")
-            try:
-                effective = cpulist.parse(self.read(root, effective_file))
-            except FileNotFoundError:
-                return None
-            if effective and not effective <= _as_set(target, desired):
-                return f"{current} (effective {cpulist.format(effective)})"
-        return None
+        return None if self.same(target, current, desired) else current
+
+    def detail(self, root: pathlib.Path, target: str, desired: str) -> str:
+        """The effective CPU read back. It may lag until the IRQ next fires (the kernel moves some vectors
+        lazily), so a lag is reported, not treated as contested."""
+        if not target.endswith("/smp_affinity_list"):
+            return ""
+        try:
+            effective = cpulist.parse(self.read(root, target.replace("smp_affinity_list", "effective_affinity_list")))
+        except (OSError, cpulist.CpuListError):
+            return ""
+        if effective and not effective <= cpulist.parse(desired):
+            return f"effective CPU still {cpulist.format(effective)} (moves when the IRQ next fires)"
+        return f"effective CPU {cpulist.format(effective)}" if effective else ""
 
 
 def _as_set(target: str, text: str) -> cpulist.CpuSet:
