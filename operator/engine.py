@@ -91,7 +91,10 @@ def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, r
         child = children.setdefault(action.tuner, ctx.child(action.tuner))
         if child.is_stopped():
             return Report(tuple(results), writes, True, child.is_killed(), len(actions) - index, stale)
-        result, wrote = _apply_one(action, child, journal, root, policy, generation)
+        try:
+            result, wrote = _apply_one(action, child, journal, root, policy, generation)
+        except context.Killed:
+            return Report(tuple(results), writes, True, True, len(actions) - index, stale)
         results.append(result)
         if wrote:
             writes += 1
@@ -210,7 +213,7 @@ def _failure(tuner: str, target: str, exc: OSError | base.Unsupported, before: s
         return Result(tuner, target, "Unsupported", str(exc), None, before)
     code = exc.errno
     if code in (errno.EOPNOTSUPP, errno.ENOTSUP):
-        return Result(tuner, target, "Unsupported", f"not supported here ({errno.errorcode[code]})", code, before)
+        return Result(tuner, target, "Unsupported", "not supported by this kernel or driver (EOPNOTSUPP)", code, before)
     name = errno.errorcode.get(code or 0, "E?")
     hint = _ERRNO_HINTS.get(code or 0, exc.strerror or str(exc))
     return Result(tuner, target, "Failed", f"{name}: {hint}", code, before)

@@ -58,10 +58,16 @@ class FileTuner:
         return safe_path(root, target).read_text().rstrip("\n")
 
     def write(self, root: pathlib.Path, target: str, value: str) -> None:
+        """One write(2) of the value, as ``echo value > file`` does. Kernel files replace their value on
+        write; a fixture file is truncated to what was written afterwards, so a refused write leaves
+        the old value in both (no O_TRUNC, never O_CREAT)."""
         path = safe_path(root, target)
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+        data = value.encode() if value.endswith("\n") else f"{value}\n".encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            os.write(fd, value.encode() if value.endswith("\n") else f"{value}\n".encode())
+            os.write(fd, data)
+            if root != pathlib.Path("/"):
+                os.ftruncate(fd, len(data))
         finally:
             os.close(fd)
 

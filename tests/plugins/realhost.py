@@ -1,0 +1,49 @@
+"""Real-kernel guard: record every tunable value tests may touch and put it back at session end,
+whatever happened. Tests restore what they touch themselves; this is the safety net."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+GUARDED = ("/proc/irq/*/smp_affinity_list", "/proc/irq/default_smp_affinity")
+
+
+def read_guarded() -> dict[str, str]:
+    values = {}
+    for pattern in GUARDED:
+        for path in sorted(glob.glob(pattern)):
+            try:
+                values[path] = pathlib.Path(path).read_text()
+            except OSError:
+                continue
+    return values
+
+
+def restore(values: dict[str, str]) -> list[str]:
+    """Write back every value that differs; returns what could not be restored."""
+    failed = []
+    for path, text in values.items():
+        try:
+            if pathlib.Path(path).read_text() != text:
+                pathlib.Path(path).write_text(text)
+        except OSError as exc:
+            if exc.errno not in (1, 5, 2):  # EPERM/EIO: managed IRQ; ENOENT: IRQ gone
+                failed.append(f"{path}: {exc}")
+    return failed
+
+
+@pytest.fixture(scope="session")
+def real_host_guard() -> Iterator[dict[str, str]]:
+    if os.geteuid() != 0:
+        pytest.skip("touches the real kernel: needs root (CI runs these as root)")
+    before = read_guarded()
+    try:
+        yield before
+    finally:
+        problems = restore(before)
+        assert not problems, problems
