@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, planner, policy
+from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy
 from tests.plugins import hosts, realhost
 
 pytestmark = pytest.mark.host
@@ -93,10 +93,8 @@ def test_real_write_to_a_managed_irq_is_unsupported_not_a_crash(tmp_path: pathli
     if not managed:
         pytest.skip("no managed IRQ on this machine")
     target = f"proc/irq/{managed[0].number}/smp_affinity_list"
-    from agentlat.operator import plan
-
-    forced = plan.Plan("forced", plan.Cpus(frozenset({1}), frozenset({0})),
-                       (plan.Action("irq", target, managed[0].affinity_text, "0", "forced write to a managed IRQ"),), ())
+    write = plan.Action("irq", target, managed[0].affinity_text, "0", "forced write to a managed IRQ")
+    forced = plan.Plan("forced", plan.Cpus(frozenset({1}), frozenset({0})), (write,), ())
     with journal.Journal.open(tmp_path, host.read(ROOT).boot_id or "") as log:
         report = engine.apply(forced, context.Context(), log, ROOT, policy="forced", generation=1)
         assert report.results[0].outcome == "Unsupported", report.results[0]
