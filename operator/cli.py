@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from agentlat.operator import (
+    bench,
     context,
     engine,
     errors,
@@ -23,6 +24,7 @@ from agentlat.operator import (
     render,
     snapshot,
     supervise,
+    trace,
 )
 
 EXIT_OK = 0
@@ -115,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
          "Copy exactly the files the host model reads (and the symlinks between them) from --root into "
          "--out, so `--root OUT` reproduces this host's plan anywhere.",
          _root_arg, _out_arg)
+    bench.add_parser(commands)
+    trace.add_parser(commands)
     return parser
 
 
