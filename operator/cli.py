@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from agentlat.operator import (
     bench,
     context,
+    daemon,
     engine,
     errors,
     host,
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
          _root_arg, _out_arg)
     bench.add_parser(commands)
     trace.add_parser(commands)
+    daemon.add_parser(commands)
     return parser
 
 

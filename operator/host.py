@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import json
+import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
 
-from agentlat.operator import cpulist, hostfs, kubelet
+from agentlat.operator import cpulist, hostfs, kubelet, workloads
+from agentlat.tuners import ethtool
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CHIP_PCI = re.compile(r"PCI-MSI(?:X)?-([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])")
+
+# A netdev's coalescing is not a file: on the real root it is read over ethtool netlink; a fixture tree
+# holds it in ROOT/sys/class/net/IF/COALESCE_FILE ({"params": {name: int}} or {"errno": "EOPNOTSUPP"}),
+# written by `agentlat snapshot` and the fixture generators. Targets look like ``ethtool/eth0/rxUsecs``.
+COALESCE_FILE = "agentlat-coalesce.json"
+COALESCE_TARGET = "ethtool"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +62,10 @@ class NetDev:
     numa_node: int
     rx_queues: tuple[str, ...]
     tx_queues: tuple[str, ...]
+    rps_cpus: Mapping[str, str] = dataclasses.field(default_factory=dict)  # rx queue -> mask, readable ones
+    xps_cpus: Mapping[str, str] = dataclasses.field(default_factory=dict)  # tx queue -> mask, readable ones
+    coalesce: Mapping[str, int] | None = None  # parameters the driver reports (ethtool policy names)
+    coalesce_error: str | None = None  # errno name when the GET failed ("EOPNOTSUPP": no coalesce ops)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +79,9 @@ class BlockDev:
     nr_requests: int | None
     wbt_lat_usec: int | None
     rotational: bool
+    queue_depth: int | None = None  # hw tag depth (mq/0/nr_tags): nr_requests' ceiling with scheduler none
+    kyber_read_lat_nsec: int | None = None  # queue/iosched/*, present only while kyber is the scheduler
+    kyber_write_lat_nsec: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +98,10 @@ class Host:
     netdevs: Mapping[str, NetDev]
     blockdevs: Mapping[str, BlockDev]
     kubelet_cpus: Mapping[str, Mapping[str, cpulist.CpuSet]] | None = None
+    # Workload discovery (processes, threads, cgroups), read lazily for the workloads the planner asks
+    # about; see operator/workloads.py. ``selection`` carries the node agent's pod UIDs per workload.
+    selection: workloads.Selection | None = None
+    discovery: workloads.Discovery | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def offline(self) -> cpulist.CpuSet:
@@ -94,7 +115,8 @@ class HostError(Exception):
     """The root does not look like a Linux host tree (wrong --root, missing /proc)."""
 
 
-def read(root: pathlib.Path, fs: hostfs.HostFS | None = None) -> Host:
+def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
+         selection: workloads.Selection | None = None) -> Host:
     fs = fs or hostfs.HostFS(root)
     interrupts = fs.read("proc/interrupts")
     online_text = fs.read("sys/devices/system/cpu/online")
@@ -120,6 +142,8 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None) -> Host:
         netdevs=netdevs,
         blockdevs=blockdevs,
         kubelet_cpus=kubelet.exclusive_cpus(fs),
+        selection=selection,
+        discovery=workloads.Discovery(fs),
     )
 
 
@@ -155,15 +179,74 @@ def _read_netdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str, 
         base = f"sys/class/net/{name}"
         address = _pci_of(fs, f"{base}/device") if fs.is_dir(f"{base}/device") else None
         queues = fs.listdir(f"{base}/queues")
+        rx_queues = tuple(_by_index(q for q in queues if q.startswith("rx-")))
+        tx_queues = tuple(_by_index(q for q in queues if q.startswith("tx-")))
+        coalesce, coalesce_error = _read_coalesce(fs, name)
         netdevs[name] = NetDev(
             name=name,
             driver=fs.link_name(f"{base}/device/driver") if fs.is_dir(f"{base}/device") else None,
             pci=address,
             numa_node=pci[address].numa_node if address is not None and address in pci else -1,
-            rx_queues=tuple(_by_index(q for q in queues if q.startswith("rx-"))),
-            tx_queues=tuple(_by_index(q for q in queues if q.startswith("tx-"))),
+            rx_queues=rx_queues,
+            tx_queues=tx_queues,
+            rps_cpus=_queue_masks(fs, base, rx_queues, "rps_cpus"),
+            xps_cpus=_queue_masks(fs, base, tx_queues, "xps_cpus"),
+            coalesce=coalesce,
+            coalesce_error=coalesce_error,
         )
     return netdevs
+
+
+def _queue_masks(fs: hostfs.HostFS, base: str, queues: Iterable[str], file: str) -> dict[str, str]:
+    """Readable masks only: single-queue devices hide xps_cpus (or answer ENOENT), CONFIG_RPS=n has none."""
+    masks = {queue: fs.read(f"{base}/queues/{queue}/{file}") for queue in queues}
+    return {queue: mask for queue, mask in masks.items() if mask is not None}
+
+
+def is_live(root: pathlib.Path) -> bool:
+    """Whether ``root`` is this machine's own root: only then may anything go to the kernel directly
+    (netlink). Any other root is a tree of files, and never touches real devices."""
+    return os.path.realpath(root) == "/"
+
+
+def coalesce_target(ifname: str, param: str) -> str:
+    return f"{COALESCE_TARGET}/{ifname}/{param}"
+
+
+def parse_coalesce_file(text: str | None) -> tuple[dict[str, int] | None, str | None]:
+    """(params, None), (None, errno name) or (None, None) for no usable data."""
+    if text is None:
+        return None, None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    if isinstance(data.get("errno"), str):
+        return None, data["errno"]
+    params = data.get("params")
+    if not isinstance(params, dict):
+        return None, None
+    return {str(k): int(v) for k, v in params.items() if isinstance(v, int)}, None
+
+
+def _read_coalesce(fs: hostfs.HostFS, name: str) -> tuple[dict[str, int] | None, str | None]:
+    if is_live(fs.root):
+        try:
+            params: dict[str, int] | None = ethtool.get_coalesce(name)
+            error = None
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            params, error = None, "EOPNOTSUPP" if code == errno.EOPNOTSUPP else errno.errorcode.get(code, "EIO")
+    else:
+        params, error = parse_coalesce_file(fs.read(f"sys/class/net/{name}/{COALESCE_FILE}"))
+    if params is not None:  # journaled originals stand in for live values (planning against originals)
+        for param in params:
+            original = fs.overrides.get(coalesce_target(name, param))
+            if original is not None and original.strip().isdigit():
+                params[param] = int(original)
+    return params, error
 
 
 def _read_blockdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str, BlockDev]:
@@ -184,6 +267,9 @@ def _read_blockdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str
             nr_requests=fs.read_int(f"{base}/queue/nr_requests"),
             wbt_lat_usec=fs.read_int(f"{base}/queue/wbt_lat_usec"),
             rotational=fs.read(f"{base}/queue/rotational") == "1",
+            queue_depth=fs.read_int(f"{base}/mq/0/nr_tags"),
+            kyber_read_lat_nsec=fs.read_int(f"{base}/queue/iosched/read_lat_nsec") if current == "kyber" else None,
+            kyber_write_lat_nsec=fs.read_int(f"{base}/queue/iosched/write_lat_nsec") if current == "kyber" else None,
         )
     return blockdevs
 

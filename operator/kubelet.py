@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection, Mapping
 
 from agentlat.operator import cpulist, hostfs
 
@@ -22,3 +23,13 @@ def exclusive_cpus(fs: hostfs.HostFS) -> dict[str, dict[str, cpulist.CpuSet]] | 
     entries = state.get("entries") or {}
     return {pod: {name: cpulist.parse(cpus) for name, cpus in containers.items()}
             for pod, containers in entries.items() if isinstance(containers, dict)}
+
+
+def pod_cpus(entries: Mapping[str, Mapping[str, cpulist.CpuSet]] | None,
+             pods: Collection[str] | None = None) -> cpulist.CpuSet:
+    """The exclusive CPUs of every container of ``pods`` (all pods when None). Keys are pod UIDs as
+    the API server spells them, whatever the container runtime (containerd and CRI-O alike)."""
+    if not entries:
+        return frozenset()
+    chosen = entries.values() if pods is None else [entries[uid] for uid in pods if uid in entries]
+    return frozenset().union(*(cpus for containers in chosen for cpus in containers.values()))

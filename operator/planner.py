@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentlat.operator import cpulist, errors, host, plan, policy
+from agentlat.operator import cpulist, errors, host, kubelet, plan, policy, workloads
 from agentlat.tuners import registry
 
 
@@ -51,5 +51,10 @@ def _agent_cpus(policy: policy.Policy, host: host.Host, notes: list[plan.Skip]) 
                                    "auto: kubelet's CPU manager gave no container exclusive CPUs "
                                    "(no static-policy state on this node); nothing is moved"))
             return frozenset()
-        return frozenset().union(*(cpus for pod in host.kubelet_cpus.values() for cpus in pod.values()))
+        pods = workloads.agent_pods(policy, host.selection)  # cluster mode: only agent pods' CPUs count
+        agent = kubelet.pod_cpus(host.kubelet_cpus, pods)
+        if not agent:
+            notes.append(plan.Skip("cpus", "spec.agentCpus", "auto: the agent-interactive pods on this node "
+                                   "have no exclusive CPUs from kubelet's CPU manager; nothing is moved"))
+        return agent
     return policy.agent_cpus or frozenset()

@@ -25,6 +25,8 @@ def take(source: pathlib.Path, out: pathlib.Path) -> dict[str, int]:
     for rel in sorted(fs.files):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_bytes(_read_bytes(source / rel))
+    if host.is_live(source):
+        _write_coalesce(fs, model, out)
     manifest = {
         "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": model.kernel,
@@ -32,6 +34,17 @@ def take(source: pathlib.Path, out: pathlib.Path) -> dict[str, int]:
     }
     (out / hostfs.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return {"files": len(fs.files), "dirs": len(fs.dirs), "links": len(fs.links), "irqs": len(model.irqs)}
+
+
+def _write_coalesce(fs: hostfs.HostFS, model: host.Host, out: pathlib.Path) -> None:
+    """Coalescing came over netlink, not from a file: store it where `--root` tree readers look."""
+    for name, netdev in model.netdevs.items():
+        if netdev.coalesce is None and netdev.coalesce_error is None:
+            continue
+        data = {"params": dict(netdev.coalesce)} if netdev.coalesce is not None else {"errno": netdev.coalesce_error}
+        path = out / fs.resolve(f"sys/class/net/{name}") / host.COALESCE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _link(path: pathlib.Path, target: str) -> None:

@@ -12,8 +12,13 @@ import json
 import os
 import pathlib
 import uuid
+from collections.abc import Mapping
 
-from agentlat.operator import cpulist, hostfs
+from agentlat.operator import cpulist, host, hostfs
+
+# What `ethtool -c` reports for an mlx5 port (the parameters in its supported_coalesce_params).
+MLX5_COALESCE: Mapping[str, int] = {"rxUsecs": 8, "rxFrames": 128, "txUsecs": 16, "txFrames": 32,
+                                    "adaptiveRx": 1, "adaptiveTx": 1, "cqeModeRx": 1, "cqeModeTx": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +27,9 @@ class Nic:
     driver: str = "mlx5_core"
     queues: int = 8
     node: int = 0
+    coalesce: Mapping[str, int] | None = None  # written as agentlat-coalesce.json when given
+    xps: bool = False  # tx-N -> one NUMA-local online CPU, as mlx5 sets it up
+    rps: frozenset[int] | None = None  # every rx queue's rps_cpus (default: 0, RPS off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +38,8 @@ class Nvme:
     queues: int = 8
     node: int = 0
     scheduler: str = "none"
+    nr_tags: int | None = None  # writes mq/0/nr_tags (the hw queue depth) when given
+    nr_requests: int | None = None  # default 1023
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +144,14 @@ def _nic(tree: _Tree, spec: HostSpec, nic: Nic, address: str, number: int, onlin
          groups: int, lines: list[tuple[int, str]]) -> int:
     device = _pci(tree, address, nic.driver, nic.node)
     tree.link(f"sys/class/net/{nic.name}", f"../../devices/pci0000:00/{address}/net/{nic.name}")
+    local = sorted(cpu for cpu in online if node_of(spec, cpu) == nic.node) or sorted(online)
     for queue in range(nic.queues):
-        tree.file(f"{device}/net/{nic.name}/queues/rx-{queue}/rps_cpus", cpulist.format_mask(set(), groups))
-        tree.file(f"{device}/net/{nic.name}/queues/tx-{queue}/xps_cpus", cpulist.format_mask(set(), groups))
+        xps = {local[queue % len(local)]} if nic.xps else set()
+        tree.file(f"{device}/net/{nic.name}/queues/rx-{queue}/rps_cpus", cpulist.format_mask(nic.rps or set(), groups))
+        tree.file(f"{device}/net/{nic.name}/queues/tx-{queue}/xps_cpus", cpulist.format_mask(xps, groups))
+    if nic.coalesce is not None:
+        tree.file(f"{device}/net/{nic.name}/{host.COALESCE_FILE}",
+                  json.dumps({"params": dict(nic.coalesce)}, indent=2, sort_keys=True))
     tree.link(f"{device}/net/{nic.name}/device", "../../../" + address)
     names = [f"mlx5_async0@pci:{address}", *(f"mlx5_comp{q}@pci:{address}" for q in range(nic.queues))]
     for name in names:
@@ -157,7 +172,12 @@ def _nvme(tree: _Tree, spec: HostSpec, nvme: Nvme, address: str, number: int, on
     tree.link(f"{disk}/device", "../../" + nvme.name)
     schedulers = " ".join(f"[{s}]" if s == nvme.scheduler else s for s in ("none", "mq-deadline", "kyber"))
     tree.file(f"{disk}/queue/scheduler", schedulers)
-    tree.file(f"{disk}/queue/nr_requests", "1023")
+    tree.file(f"{disk}/queue/nr_requests", str(nvme.nr_requests or 1023))
+    if nvme.nr_tags is not None:
+        tree.file(f"{disk}/mq/0/nr_tags", str(nvme.nr_tags))
+    if nvme.scheduler == "kyber":
+        tree.file(f"{disk}/queue/iosched/read_lat_nsec", "2000000")
+        tree.file(f"{disk}/queue/iosched/write_lat_nsec", "10000000")
     tree.file(f"{disk}/queue/wbt_lat_usec", "2000")
     tree.file(f"{disk}/queue/rotational", "0")
     ordered = sorted(online)
@@ -174,8 +194,10 @@ def _nvme(tree: _Tree, spec: HostSpec, nvme: Nvme, address: str, number: int, on
 
 
 LARGE = HostSpec(cpus=128, nodes=2, offline=frozenset(range(120, 128)),
-                 nics=(Nic("eth0", queues=64, node=0), Nic("eth1", queues=64, node=1)),
-                 nvmes=(Nvme("nvme0", queues=32, node=0), Nvme("nvme1", queues=32, node=1, scheduler="mq-deadline")),
+                 nics=(Nic("eth0", queues=64, node=0, coalesce=MLX5_COALESCE, xps=True),
+                       Nic("eth1", queues=64, node=1, coalesce=MLX5_COALESCE, xps=True)),
+                 nvmes=(Nvme("nvme0", queues=32, node=0, nr_tags=1023),
+                        Nvme("nvme1", queues=32, node=1, scheduler="mq-deadline", nr_tags=1023, nr_requests=256)),
                  kubelet={str(uuid.UUID(int=7)): {"agent": "4-11,68-75"}})
 
 
