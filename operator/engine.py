@@ -72,6 +72,7 @@ class Drift:
     desired: str
     current: str | None
     policy: str
+    gone: bool = False  # the process exited or the device went away: not a fight, just stale
 
 
 def original_view(journal: journal.Journal) -> dict[str, str]:
@@ -81,11 +82,15 @@ def original_view(journal: journal.Journal) -> dict[str, str]:
 
 def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
           policy: str, generation: int, after_write: WriteHook | None = None) -> Report:
+    """Release what the plan no longer wants first (a released io scheduler resets nr_requests, which a
+    later action may set again), then apply the plan in order."""
     stale = journal.drop_stale_boots()
-    results: list[Result] = []
-    writes = 0
-    children: dict[str, context.Context] = {}
     wanted = {(action.tuner, action.target) for action in the_plan.actions}
+    leftovers = {(e.tuner, e.target) for e in journal.entries() if (e.tuner, e.target) not in wanted}
+    release = revert(ctx, journal, root, only=leftovers, drop_stale=False)
+    results = list(release.results)
+    writes = release.writes
+    children: dict[str, context.Context] = {}
     actions = list(the_plan.actions)
     for index, action in enumerate(actions):
         child = children.setdefault(action.tuner, ctx.child(action.tuner))
@@ -100,12 +105,9 @@ def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, r
             writes += 1
             if after_write is not None:
                 after_write(writes)
-    leftovers = [entry for entry in journal.entries() if (entry.tuner, entry.target) not in wanted]
-    release = revert(ctx, journal, root, only={(e.tuner, e.target) for e in leftovers}, drop_stale=False)
     journal.set_meta("policy", policy)
     journal.set_meta("generation", str(generation))
-    return Report(tuple(results) + release.results, writes + release.writes, release.stopped or ctx.is_stopped(),
-                  ctx.is_killed(), release.not_run, stale)
+    return Report(tuple(results), writes, ctx.is_stopped(), ctx.is_killed(), 0, stale)
 
 
 def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
@@ -184,7 +186,12 @@ def drift(journal: journal.Journal, root: pathlib.Path) -> list[Drift]:
         tuner = registry.by_name(entry.tuner)
         try:
             current: str | None = tuner.read(root, entry.target)
-        except (OSError, base.Unsupported):
+        except OSError as exc:
+            current = None
+            if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH):
+                found.append(Drift(entry.tuner, entry.target, entry.desired, None, entry.policy, gone=True))
+                continue
+        except base.Unsupported:
             current = None
         if entry.outcome in ("Applied", "Unchanged", "Contested") and (
                 current is None or not tuner.same(entry.target, current, entry.desired)):

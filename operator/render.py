@@ -107,8 +107,9 @@ def status_document(applied: dict[str, str | None], entries: Sequence[journal.En
         "generation": int(generation) if generation else None,
         "targets": len(entries),
         "outcomes": counts,
-        "drifted": len(drift),
-        "drift": [dataclasses.asdict(item) for item in drift],
+        "drifted": sum(1 for item in drift if not item.gone),
+        "gone": sum(1 for item in drift if item.gone),
+        "drift": [dataclasses.asdict(item) for item in drift if not item.gone],
         "entries": [{"tuner": e.tuner, "target": e.target, "original": e.original, "desired": e.desired,
                      "outcome": e.outcome, "detail": e.detail, "policy": e.policy, "generation": e.generation}
                     for e in entries],
@@ -127,6 +128,8 @@ def status_table(document: dict[str, Any]) -> str:
                         [(d["tuner"], d["target"], d["desired"], _shown(d["current"])) for d in document["drift"]])]
     else:
         lines.append("No drift: every applied value still holds.")
+    if document["gone"]:
+        lines.append(f"{document['gone']} targets are gone (process exited or device removed); revert skips them.")
     return "\n".join(lines) + "\n"
 
 

@@ -333,3 +333,24 @@ def test_snapshot_captures_coalescing_for_tree_readers(uplink_untouched: dict[st
         model = host.read(pathlib.Path(out))
     assert model.netdevs[UPLINK].coalesce == uplink_untouched
     assert model.netdevs["lo"].coalesce_error == "EOPNOTSUPP"
+
+
+def test_changed_policy_releases_the_scheduler_before_setting_nr_requests(loop_device: str,
+                                                                          log: journal.Journal) -> None:
+    """Generation 2 drops the scheduler but keeps nr_requests 64: the scheduler revert (which resets
+    the depth) must happen before the depth is set, not after."""
+    dev = loop_device
+    set_queue(dev, scheduler="none")
+    before = queue_state(dev)
+    mine = lambda target: target.startswith(f"sys/block/{dev}/")  # noqa: E731
+    first = device_policy(block=(Rule(dev, nr_requests=64, scheduler="kyber"),))
+    assert apply(live_plan(first, log, mine), log).complete
+    assert blk.selected(queue_state(dev)["scheduler"]) == "kyber"
+    second = device_policy(block=(Rule(dev, nr_requests=64),))
+    report = apply(live_plan(second, log, mine), log)
+    assert report.complete, [(r.target, r.outcome, r.detail) for r in report.results]
+    now = queue_state(dev)
+    assert blk.selected(now["scheduler"]) == "none"
+    assert now["nr_requests"].strip() == "64"
+    engine.revert(context.Context(), log, ROOT)
+    assert queue_state(dev) == before
