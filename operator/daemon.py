@@ -47,6 +47,7 @@ from agentlat.operator import (
     irqbalance,
     journal,
     metrics,
+    observe,
     plan,
     planner,
     policy,
@@ -96,6 +97,7 @@ class Measurements:
     uevents: int
     overflows: int
     reactions: int
+    observed: Mapping[str, float] = dataclasses.field(default_factory=dict)  # see observe.Observation.on_agent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +131,7 @@ class NodeState:
             "measurements": {"hotplugP50Millis": m.hotplug_p50_ms, "hotplugP99Millis": m.hotplug_p99_ms,
                              "hotplugSamples": m.hotplug_samples, "driftCorrections": m.drift_corrections,
                              "contested": m.contested, "flapping": list(m.flapping), "uevents": m.uevents,
-                             "ueventOverflows": m.overflows, "reactions": m.reactions},
+                             "ueventOverflows": m.overflows, "reactions": m.reactions, **m.observed},
             "irqbalance": list(self.irqbalance),
         }
 
@@ -212,6 +214,9 @@ class NodeDaemon:
         self._irqbalance: tuple[str, ...] = ()
         self._irqbalance_coordinated = False
         self._irqbalance_problem: str | None = None
+        self._agent_tids: tuple[int, ...] = ()
+        self._last_sample: observe.Sample | None = None
+        self._observation: dict[str, float] = {}
 
     # -- the seam ---------------------------------------------------------------------------------------
 
@@ -271,7 +276,8 @@ class NodeDaemon:
                 hotplug_p50_ms=round(stats.percentile(samples, 50) * 1000, 3) if samples else None,
                 hotplug_p99_ms=round(stats.percentile(samples, 99) * 1000, 3) if samples else None,
                 hotplug_samples=len(samples), drift_corrections=self._corrections, contested=self._contested,
-                flapping=flapping, uevents=self._uevents, overflows=self._overflows, reactions=self._reactions)
+                flapping=flapping, uevents=self._uevents, overflows=self._overflows, reactions=self._reactions,
+                observed=dict(self._observation))
             return NodeState(
                 policy=effective.name if effective is not None else None,
                 generation=self._applied_generation,
@@ -320,11 +326,33 @@ class NodeDaemon:
                 self._next_verify = now + min(1.0, self.options.verify_interval)
             else:
                 self.verify()
+                self.observe()
                 self._next_verify = now + self.options.verify_interval
         if now >= self._next_resync:
             self.metrics.resyncs.labels("periodic").inc()
             self.enqueue(_Job("full", "full", "periodic resync"))
             self._next_resync = now + self.options.resync_interval
+
+    def observe(self) -> None:
+        """Experiment C, continuously: IRQ and softirq load on the agent CPUs and the run delay of agent
+        tasks since the last look, published in the status and as metrics next to the latency budget."""
+        with self._lock:
+            cpus, tids, desired = self._cpus, self._agent_tids, self._desired
+        current = observe.sample(self.root, tids, self.clock)
+        previous, self._last_sample = self._last_sample, current
+        if cpus is None or previous is None:
+            return
+        figures = observe.observe(previous, current, cpus.agent).on_agent()
+        budget = desired[0].step_p99_micros if desired and desired[0] else None
+        if budget is not None:
+            figures["stepP99BudgetMicros"] = float(budget)
+        with self._lock:
+            self._observation = figures
+        self.metrics.agent_irqs.set(figures["agentIrqsPerSecond"])
+        self.metrics.agent_softirq_share.set(figures["agentSoftirqShare"])
+        self.metrics.agent_run_delay.set(figures["agentRunDelayP99Micros"] / 1e6)
+        if budget is not None:
+            self.metrics.step_budget.set(budget / 1e6)
 
     def check_irqs(self) -> None:
         """Compare the IRQ numbers under /proc/irq with the last look: one directory listing, whatever the
@@ -507,6 +535,7 @@ class NodeDaemon:
         with self._lock:
             self._cpus, self._skips, self._last_plan_actions = the_plan.cpus, the_plan.skips, len(the_plan.actions)
             self._problem = None
+            self._agent_tids = _agent_tids(effective, the_plan)
         if effective.mode == "DryRun":
             logger.info("generation %s is DryRun: %d actions planned, nothing written", generation,
                         len(the_plan.actions))
@@ -847,6 +876,14 @@ class _LastWrite:
 
     def __call__(self, writes: int) -> None:
         self.last = self._clock()
+
+
+def _agent_tids(effective: policy.Policy, the_plan: plan.Plan) -> tuple[int, ...]:
+    """Threads of agent-interactive workloads, from the sched actions the plan made for them."""
+    names = {w.name for w in effective.workloads if w.latency_class == "agent-interactive"}
+    tids = {workloads.parse_key(action.target)[1] for action in the_plan.actions
+            if action.tuner == "sched" and action.reason.split(":", 1)[0].removeprefix("workload ") in names}
+    return tuple(sorted(tids))
 
 
 def _scope_of(device: uevents.DeviceKey) -> scope.Scope:

@@ -35,6 +35,17 @@ class Metrics:
         self.generation = prometheus_client.Gauge(
             "agentlat_applied_generation", "Policy generation the last complete reconcile applied", registry=r)
 
+        self.agent_irqs = prometheus_client.Gauge(
+            "agentlat_agent_cpu_irqs_per_second", "Hard IRQs per second on the agent CPUs", registry=r)
+        self.agent_softirq_share = prometheus_client.Gauge(
+            "agentlat_agent_cpu_irq_share", "Largest share of an agent CPU's time in hard+soft IRQ context",
+            registry=r)
+        self.agent_run_delay = prometheus_client.Gauge(
+            "agentlat_agent_run_delay_p99_seconds", "p99 wait per timeslice of agent tasks (schedstat run delay)",
+            registry=r)
+        self.step_budget = prometheus_client.Gauge(
+            "agentlat_step_p99_budget_seconds", "The policy's latencyBudget.stepP99Micros", registry=r)
+
     def serve(self, port: int, addr: str = "") -> None:
         """Expose the registry over HTTP on ``port`` (a daemon thread)."""
         prometheus_client.start_http_server(port, addr=addr or "0.0.0.0", registry=self.registry)

@@ -538,3 +538,21 @@ def test_scoped_reads_see_only_the_device_and_its_pci_function(vm: pathlib.Path)
     assert set(model.netdevs) == {"eth0"} and len(model.irqs) > 3
     assert set(scope.prefixes(eth, model)) == {"sys/class/net/eth0/", "ethtool/eth0/", "proc/irq/37/",
                                                "proc/irq/38/", "proc/irq/39/"}
+
+
+def test_observations_of_the_agent_cpus_are_published_in_status_and_metrics(vm: pathlib.Path, node: daemon.NodeDaemon,
+                                                                            clock: Clock) -> None:
+    applied(node)
+    node.observe()  # the first look only records a baseline
+    interrupts = vm / "proc/interrupts"
+    rows = interrupts.read_text().splitlines()
+    index = next(i for i, row in enumerate(rows) if row.strip().startswith("41:"))
+    fields = rows[index].split()
+    fields[2] = str(int(fields[2]) + 500)  # 500 more interrupts on CPU 1, the agent CPU
+    rows[index] = " ".join(fields)
+    interrupts.write_text("\n".join(rows) + "\n")
+    clock.now += 10
+    node.observe()
+    observed = node.snapshot().to_dict()["measurements"]
+    assert observed["agentIrqsPerSecond"] == 50.0
+    assert node.metrics.registry.get_sample_value("agentlat_agent_cpu_irqs_per_second") == 50.0
