@@ -11,8 +11,10 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from agentlat.operator import (
+    agent,
     bench,
     context,
+    controller,
     daemon,
     engine,
     errors,
@@ -26,6 +28,7 @@ from agentlat.operator import (
     snapshot,
     supervise,
     trace,
+    uninstall,
 )
 
 EXIT_OK = 0
@@ -121,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser(commands)
     trace.add_parser(commands)
     daemon.add_parser(commands)
+    controller.add_parser(commands)
+    agent.add_parser(commands)
+    uninstall.add_parser(commands)
     return parser
 
 

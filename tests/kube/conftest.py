@@ -1,7 +1,11 @@
 """Fixtures for the API-level Kubernetes harness (see ``tests/kube/apiserver.py``).
 
-- ``kube_crd_paths`` / ``kube_rbac_documents``: what the server loads; override them in a test module
-  (e.g. to feed the rendered Helm chart's RBAC instead of ``tests/kube/rbac-rules.yaml``).
+- ``kube_crd_paths`` / ``kube_rbac_documents``: what the server loads; override them in a test module.
+  The RBAC is the rendered Helm chart's (``tests.chart.render.rbac_documents()``: accounts
+  ``agentlat-controller``, ``agentlat-agent``, ``agentlat-uninstall`` in ``agentlat-system``); where the chart
+  cannot be rendered (no ``helm_python``), ``tests/kube/rbac-rules.yaml``, which mirrors it for the
+  controller and the agent (``agentlat-uninstall`` exists only in the chart).
+- ``agentlat_controller``: factory running ``agentlat controller`` (Kopf, peering ``agentlat``) in a thread.
 - ``kube_apiserver``: a started ``apiserver.ApiServer``; at teardown the test fails if any request was
   denied by RBAC, unless the test is marked ``kube_forbidden_ok`` or the denial happened inside
   ``kube_apiserver.expect_forbidden()``.
@@ -19,6 +23,7 @@ from typing import Any
 
 import kopf
 import kubernetes.client
+import prometheus_client
 import pytest
 
 from tests.kube import apiserver, kopfthread, rbac
@@ -39,9 +44,18 @@ def kube_crd_paths() -> list[pathlib.Path]:
     return [REPO / "crds", TESTDATA / "crds"]
 
 
+def project_rbac_documents() -> list[dict[str, Any]]:
+    """The chart's RBAC as installed (release agentlat, namespace agentlat-system), else the fallback file."""
+    try:
+        from tests.chart import render
+    except ImportError:
+        return rbac.load_documents(RBAC_RULES)
+    return render.rbac_documents()
+
+
 @pytest.fixture
 def kube_rbac_documents() -> list[dict[str, Any]]:
-    return rbac.load_documents(RBAC_RULES, TESTDATA / "test-rbac.yaml")
+    return project_rbac_documents() + rbac.load_documents(TESTDATA / "test-rbac.yaml")
 
 
 @pytest.fixture
@@ -95,3 +109,40 @@ def kopf_operator(kube_apiserver: apiserver.ApiServer) -> Iterator[Callable[...,
     yield start
     for operator in running:
         operator.stop()
+
+
+AGENTLAT_NS = "agentlat-system"
+PEERING = "agentlat"
+
+
+@pytest.fixture
+def agentlat_controller(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: Callable[..., kubernetes.client.ApiClient],
+    kopf_operator: Callable[..., kopfthread.KopfThread],
+) -> Callable[..., Any]:
+    """Factory: run ``agentlat controller`` (Kopf, peering ``agentlat``) in a thread as the
+    ``agentlat-controller`` ServiceAccount; returns the ``controller.Controller``."""
+    from agentlat.operator import controller
+
+    def start(**kwargs: Any) -> controller.Controller:
+        if kube_apiserver.get_object("clusterkopfpeerings", PEERING, "kopf.dev") is None:
+            kube_apiserver.put_object(
+                {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
+            )
+        metrics = controller.Metrics(prometheus_client.CollectorRegistry())
+        options: dict[str, Any] = {"debounce": 0.02, "backoffs": (0.1, 0.2, 0.5), **kwargs}
+        ctl = controller.Controller(kube_client(AGENTLAT_NS, "agentlat-controller"), metrics, **options)
+        settings = controller.settings(priority=100)
+        settings.networking.error_backoffs = [0.1, 0.2, 0.5]
+        settings.watching.reconnect_backoff = 0.1
+        kopf_operator(
+            ctl.registry(),
+            namespace=AGENTLAT_NS,
+            service_account="agentlat-controller",
+            settings=settings,
+            peering_name=PEERING,
+        )
+        return ctl
+
+    return start

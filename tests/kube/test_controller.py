@@ -1,0 +1,231 @@
+"""The controller against the API harness, as the ``agentlat-controller`` ServiceAccount with the chart's RBAC.
+
+The node agents are played by the test here (status writes as ``agentlat-agent``); the real agents run in
+``test_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import kubernetes.client
+import pytest
+
+from agentlat.operator import controller, profiles, uninstall
+from tests.kube import apiserver
+
+pytestmark = pytest.mark.kube
+
+NS = "agentlat-system"
+G, V = profiles.GROUP, profiles.VERSION
+POLICIES, PROFILES = profiles.POLICY_PLURAL, profiles.PLURAL
+ClientFactory = Callable[..., kubernetes.client.ApiClient]
+
+
+def node(name: str, **labels: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}}
+
+
+def policy_body(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": f"{G}/{V}", "kind": "AgentLatencyPolicy", "metadata": {"name": name}, "spec": spec}
+
+
+@pytest.fixture
+def admin(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(kube_client())
+
+
+@pytest.fixture
+def agent(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
+    return kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent"))
+
+
+def profile(server: apiserver.ApiServer, name: str) -> dict[str, Any] | None:
+    return server.get_object(PROFILES, name, G)
+
+
+def status_of(server: apiserver.ApiServer, name: str) -> dict[str, Any]:
+    return (server.get_object(POLICIES, name, G) or {}).get("status") or {}
+
+
+def conditions(status: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in status.get("conditions") or ()}
+
+
+def report(agent: kubernetes.client.CustomObjectsApi, server: apiserver.ApiServer, name: str, **states: bool) -> None:
+    """Play node ``name``'s agent: report the profile's current generation with these condition states."""
+    current = profile(server, name)
+    assert current is not None
+    status = {
+        "observedGeneration": current["metadata"]["generation"],
+        "conditions": [{"type": kind, "status": str(value), "reason": kind if value else f"Not{kind}",
+                        "message": f"{kind.lower()} message" if value else ""} for kind, value in states.items()],
+    }
+    agent.patch_cluster_custom_object_status(G, V, PROFILES, name, {"status": status})
+
+
+def metric(ctl: controller.Controller, name: str) -> float | None:
+    return ctl.metrics.registry.get_sample_value(name)
+
+
+def test_profiles_follow_policies_and_node_labels(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    server = kube_apiserver
+    for name, labels in (("gpu-1", {"pool": "gpu"}), ("gpu-2", {"pool": "gpu"}), ("cpu-1", {"pool": "cpu"})):
+        server.put_object(node(name, **labels))
+    ctl = agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body(
+        "gpu", priority=200, nodeSelector={"matchLabels": {"pool": "gpu"}}, agentCpus="1"))
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body(
+        "everywhere", priority=100, agentCpus="0", workloads=[
+            {"name": "logs", "latencyClass": "background", "processSelector": {"comm": "^fluent"}}]))
+
+    server.wait_for(lambda: all(profile(server, n) for n in ("gpu-1", "gpu-2", "cpu-1")), 15, "no profiles")
+    gpu1 = profile(server, "gpu-1")
+    assert gpu1 is not None
+    assert [s["name"] for s in gpu1["spec"]["sources"]] == ["gpu", "everywhere"]
+    assert gpu1["spec"]["policy"]["agentCpus"] == "1"
+    assert [w["name"] for w in gpu1["spec"]["policy"]["workloads"]] == ["logs"]
+    assert gpu1["metadata"]["finalizers"] == [profiles.REVERT_FINALIZER]
+    [owner] = gpu1["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == (
+        "Node", "gpu-1", server.get_object("nodes", "gpu-1")["metadata"]["uid"])  # type: ignore[index]
+    cpu1 = profile(server, "cpu-1")
+    assert cpu1 is not None and cpu1["spec"]["policy"]["agentCpus"] == "0"
+
+    # The lower-priority policy loses agentCpus on the GPU nodes: a condition on it and one Warning event.
+    server.wait_for(lambda: conditions(status_of(server, "everywhere")).get("Conflicted") == "True", 15)
+    message = next(c["message"] for c in status_of(server, "everywhere")["conditions"] if c["type"] == "Conflicted")
+    assert message == "agentCpus is decided by gpu on 2 node(s) (gpu-1, gpu-2)"
+    server.wait_for(lambda: server.events(reason="OverriddenByHigherPriority", involved_name="everywhere"), 15)
+
+    # Nodes report; the policy status counts them (only for the policy's current generation).
+    for name in ("gpu-1", "gpu-2"):
+        report(agent, server, name, Applied=True, Degraded=False, Drifted=False)
+    report(agent, server, "cpu-1", Applied=False, Degraded=True, Drifted=False)
+    server.wait_for(lambda: status_of(server, "gpu").get("appliedNodes") == 2, 15, "gpu not rolled up")
+    gpu = status_of(server, "gpu")
+    assert (gpu["matchedNodes"], gpu["appliedNodes"], gpu["degradedNodes"], gpu["observedGeneration"]) == (2, 2, 0, 1)
+    assert conditions(gpu) == {"Ready": "True", "Progressing": "False", "Degraded": "False", "Conflicted": "False"}
+    server.wait_for(lambda: status_of(server, "everywhere").get("degradedNodes") == 1, 15)
+    everywhere = status_of(server, "everywhere")
+    assert (everywhere["matchedNodes"], everywhere["appliedNodes"]) == (3, 2)
+    assert conditions(everywhere)["Ready"] == "False"
+    server.wait_for(lambda: server.events(reason="NodesDegraded", involved_name="everywhere"), 15)
+    assert all(e["type"] == "Warning" for e in server.events())  # no Normal events at all
+
+    # A label change moves the node out of the GPU policy: its profile is recomputed.
+    server.put_object(node("gpu-2", pool="cpu"))
+    server.wait_for(lambda: (profile(server, "gpu-2") or {}).get("spec", {}).get("sources", [{}])[0].get("name")
+                    == "everywhere", 15, "label change not seen")
+    server.wait_for(lambda: status_of(server, "gpu").get("matchedNodes") == 1, 15)
+
+    # Deleting the GPU policy: gpu-1 falls back to the other policy (no deletion, a new spec).
+    admin.delete_cluster_custom_object(G, V, POLICIES, "gpu")
+    server.wait_for(lambda: [s["name"] for s in (profile(server, "gpu-1") or {}).get("spec", {}).get("sources", [])]
+                    == ["everywhere"], 15)
+    # Kopf kept no state on our objects (event handlers only): no finalizer, annotations or status.kopf.
+    for kind in (POLICIES, PROFILES):
+        for obj in server.objects(kind, G):
+            meta = obj["metadata"]
+            assert not [a for a in meta.get("annotations") or {} if "kopf" in a or a.startswith("agentlat.io/")]
+            assert controller.KOPF_FINALIZER not in (meta.get("finalizers") or [])
+            assert "kopf" not in (obj.get("status") or {})
+    assert metric(ctl, "agentlat_controller_reconcile_errors_total") == 0
+    assert metric(ctl, "agentlat_controller_policies") == 1
+    assert metric(ctl, "agentlat_controller_profiles") == 3
+
+
+def test_unselected_node_profile_is_held_until_its_agent_reverts(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: ClientFactory,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    server = kube_apiserver
+    server.put_object(node("n1", pool="gpu"))
+    server.put_object(node("n2", pool="gpu"))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p", nodeSelector={"matchLabels": {"pool": "gpu"}}))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+
+    admin.delete_cluster_custom_object(G, V, POLICIES, "p")
+    server.wait_for(lambda: (profile(server, "n1") or {}).get("metadata", {}).get("deletionTimestamp"), 15)
+    held = profile(server, "n1")
+    assert held is not None and held["metadata"]["finalizers"] == [profiles.REVERT_FINALIZER]
+
+    # uninstall-wait (as the pre-delete hook's account) names the node whose agent has not reverted.
+    hook = kube_client(NS, "agentlat-uninstall")
+    out, err = io.StringIO(), io.StringIO()
+    report(agent, server, "n2", Reverted=True)
+    assert uninstall.wait(hook, timeout=0.3, interval=0.1, out=out, err=err) == uninstall.EXIT_TIMEOUT
+    assert err.getvalue() == ("agentlat: uninstall-wait: timed out after 0.3s: "
+                              "1 node(s) did not revert: n1 (no Reverted condition: is its agent running?)\n")
+    server.wait_for(lambda: profile(server, "n2") is None, 15, "finalizer not released after Reverted")
+
+    report(agent, server, "n1", Reverted=True)
+    assert uninstall.wait(hook, timeout=15, interval=0.05, out=out, err=err) == uninstall.EXIT_OK
+    assert out.getvalue().splitlines()[-1] == "all 1 node(s) reverted"  # n2 was gone before this run
+
+
+def test_deleted_node_releases_its_profile(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: ClientFactory,
+    admin: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    server = kube_apiserver
+    server.put_object(node("n1"))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: profile(server, "n1"), 15)
+    kubernetes.client.CoreV1Api(kube_client()).delete_node("n1")  # GC deletes the profile; no agent is left
+    server.wait_for(lambda: profile(server, "n1") is None, 15, "profile of a deleted node stuck on its finalizer")
+    server.wait_for(lambda: status_of(server, "p").get("matchedNodes") == 0, 15)
+
+
+def test_uninstall_wait_deletes_every_policy(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: ClientFactory,
+    admin: kubernetes.client.CustomObjectsApi,
+) -> None:
+    for name in ("a", "b"):
+        admin.create_cluster_custom_object(G, V, POLICIES, policy_body(name))
+    out = io.StringIO()
+    assert uninstall.wait(kube_client(NS, "agentlat-uninstall"), timeout=5, out=out) == uninstall.EXIT_OK
+    assert kube_apiserver.objects(POLICIES, G) == []
+    assert out.getvalue().splitlines() == [
+        "deleted AgentLatencyPolicy a", "deleted AgentLatencyPolicy b", "all 0 node(s) reverted"]
+
+
+@pytest.mark.kube_forbidden_ok
+def test_uninstall_wait_gives_up_at_once_without_rbac(kube_client: ClientFactory) -> None:
+    err = io.StringIO()
+    assert uninstall.wait(kube_client(NS, "agentlat-agent"), timeout=30, err=err) == uninstall.EXIT_TIMEOUT
+    assert err.getvalue().startswith("agentlat: uninstall-wait: 403 Forbidden: agentlatencypolicies.agentlat.io "
+                                     "is forbidden")
+
+
+def test_schema_violations_are_rejected_by_the_api_server(admin: kubernetes.client.CustomObjectsApi) -> None:
+    bad = policy_body("bad", workloads=[{"name": "w", "processSelector": {"comm": "a"}, "nice": 40}])
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        admin.create_cluster_custom_object(G, V, POLICIES, bad)
+    assert caught.value.status == 422
+    assert "spec.workloads[0].nice: Invalid value: 40" in str(caught.value.body)
+    no_priority = policy_body("rt", workloads=[{"name": "w", "processSelector": {"comm": "a"}, "schedPolicy": "fifo"}])
+    with pytest.raises(kubernetes.client.ApiException) as caught:  # a CEL rule of the CRD
+        admin.create_cluster_custom_object(G, V, POLICIES, no_priority)
+    assert caught.value.status == 422 and "schedPolicy fifo/rr needs rtPriority" in str(caught.value.body)
+    # The profile CRD carries the same schema for spec.policy.
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        admin.create_cluster_custom_object(G, V, PROFILES, {
+            "apiVersion": f"{G}/{V}", "kind": profiles.KIND, "metadata": {"name": "n1"},
+            "spec": {"policy": {"mode": "Sometimes"}, "sources": []}})
+    assert caught.value.status == 422 and "spec.policy.mode" in str(caught.value.body)
