@@ -218,7 +218,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  {stage:<13}{spread}")
     lines += ["", "Experiment C, attribution on the agent CPUs (last run of each):"]
     for name, att in report["attribution"].items():
-        lines.append(f"  {name}: IRQs/s {att['agentIrqsPerSecond']}, "
+        lines.append(f"  {name}: device IRQs/s {att['agentIrqsPerSecond']}, "
                      f"hard+soft IRQ share {att['agentSoftirqShare']:.1%}, "
                      f"probe run delay p99 {att['agentRunDelayP99Micros']} us, "
                      f"cpu PSI some {att['cpuPressureSomeAvg10']}")

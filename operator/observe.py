@@ -138,6 +138,7 @@ def _cpu_columns(header: str) -> list[int]:
 
 
 def _irq_counts(text: str) -> dict[int, int]:
+    """Device IRQs per CPU (numbered rows); local timer, IPI and other per-CPU rows are not movable."""
     lines = text.splitlines()
     if not lines:
         return {}
@@ -145,6 +146,8 @@ def _irq_counts(text: str) -> dict[int, int]:
     totals = dict.fromkeys(cpus, 0)
     for line in lines[1:]:
         fields = line.split()
+        if not fields or not fields[0].rstrip(":").isdigit():
+            continue
         for cpu, field in zip(cpus, fields[1:1 + len(cpus)], strict=False):
             if field.isdigit():
                 totals[cpu] += int(field)
