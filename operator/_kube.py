@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import logging
 import os
@@ -107,3 +108,8 @@ def parse_listen(url: str) -> tuple[str, int]:
     rest = url.split("://", 1)[-1].split("/", 1)[0]
     host, _, port = rest.rpartition(":")
     return host or "0.0.0.0", int(port)
+
+
+def timestamp(moment: datetime.datetime) -> str:
+    """RFC 3339 in UTC, as Kubernetes writes lastTransitionTime."""
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

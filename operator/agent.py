@@ -434,7 +434,7 @@ class Agent:
         key = (str(meta.get("uid")), generation)
         previous = profile.get("status") or {}
         status = profile_status(state, generation, deleting=profiles.deleting(profile), problem=self._problem,
-                                previous=previous, now=_timestamp(self._wall()))
+                                previous=previous, now=_kube.timestamp(self._wall()))
         text = _without_times(status)
         if (self._written_for == key and text == self._written) or text == _without_times(previous):
             return
@@ -457,10 +457,6 @@ class Agent:
             return
         self.metrics.status_writes.labels("ok").inc()
         self._written, self._written_for, self._written_at = text, key, self._clock()
-
-
-def _timestamp(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- the command ----------------------------------------------------------------------------------------

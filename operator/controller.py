@@ -396,7 +396,7 @@ class Controller:
         existing = _latest(self._profiles)
         self._seen_nodes = {name: (node.uid, dict(node.labels)) for name, node in nodes.items()}
         self._seen_policies = {p.name: (str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
-        decision = decide(parsed, nodes, existing, _timestamp(self._clock()))
+        decision = decide(parsed, nodes, existing, _kube.timestamp(self._clock()))
         self.metrics.policies.set(len(parsed))
         self.metrics.invalid_policies.set(sum(p.chosen is None for p in parsed))
         self.metrics.profiles.set(len(existing))
@@ -525,10 +525,6 @@ def _ignore(status: int, call: Callable[[], object]) -> None:
     except kubernetes.client.ApiException as exc:
         if exc.status != status:
             raise
-
-
-def _timestamp(moment: datetime.datetime) -> str:
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- the command ----------------------------------------------------------------------------------------
