@@ -26,7 +26,6 @@ from agentlat.operator import (
     engine,
     errors,
     host,
-    hostfs,
     journal,
     noise,
     observe,
@@ -122,9 +121,9 @@ def _one(tuned: bool, chosen: policy.Policy, agent: cpulist.CpuSet, probe_config
 def _apply(chosen: policy.Policy, log: journal.Journal) -> dict[str, int]:
     root = pathlib.Path("/")
     with log.lock():
-        model = host.read(root, hostfs.HostFS(root, overrides=engine.original_view(log)))
-        report = engine.apply(planner.make_plan(chosen, model), context.Context("bench-apply"), log, root,
-                              policy=chosen.name, generation=chosen.generation)
+        the_plan = planner.make_plan(chosen, engine.original_host(root, log))
+        report = engine.apply(the_plan, context.Context("bench-apply"), log, root, policy=chosen.name,
+                              generation=chosen.generation)
     counts: dict[str, int] = {}
     for result in report.results:
         counts[result.outcome] = counts.get(result.outcome, 0) + 1

@@ -189,9 +189,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     effective = load_policy(args.policy)
     with _journal(args) as log, log.lock():
-        overrides = engine.original_view(log)
-        model = host.read(args.root, hostfs.HostFS(args.root, overrides=overrides))
-        result = planner.make_plan(effective, model, str(args.policy))
+        result = planner.make_plan(effective, engine.original_host(args.root, log), str(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"
                              else render.dump(render.plan_document(result), args.output))

@@ -523,8 +523,7 @@ class NodeDaemon:
             return
         self._irq_known = self._irq_numbers()
         try:
-            model = host.read(self.root, hostfs.HostFS(self.root, overrides=engine.original_view(log)),
-                              selection=self._selection)
+            model = engine.original_host(self.root, log, self._selection)
             the_plan = planner.make_plan(effective, model, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("cannot plan generation %s: %s", generation, exc)

@@ -14,7 +14,7 @@ import errno
 import pathlib
 from collections.abc import Callable, Iterable
 
-from agentlat.operator import context, journal, plan
+from agentlat.operator import context, host, hostfs, journal, plan, workloads
 from agentlat.tuners import base, registry
 
 OK_OUTCOMES = frozenset({"Applied", "Unchanged", "Reverted"})
@@ -78,6 +78,13 @@ class Drift:
 def original_view(journal: journal.Journal) -> dict[str, str]:
     """Journaled originals by target, to plan against the host as it was before any apply."""
     return {entry.target: entry.original for entry in journal.entries() if entry.original is not None}
+
+
+def original_host(root: pathlib.Path, journal: journal.Journal,
+                  selection: workloads.Selection | None = None) -> host.Host:
+    """The host model with every journaled original standing in for its live value: what to plan an
+    apply against, so "wanted" means "differs from the original", not "differs from now"."""
+    return host.read(root, hostfs.HostFS(root, overrides=original_view(journal)), selection=selection)
 
 
 def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,

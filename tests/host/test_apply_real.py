@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy
+from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
 from tests.plugins import hosts, realhost
 
 pytestmark = pytest.mark.host
@@ -128,9 +128,8 @@ def test_stop_and_kill_through_the_context_leave_a_revertible_journal(tmp_path: 
             getattr(ctx, how)()
 
     with journal.Journal.open(tmp_path, host.read(ROOT).boot_id or "") as log:
-        model = host.read(ROOT, hostfs.HostFS(ROOT, overrides=engine.original_view(log)))
-        report = engine.apply(planner.make_plan(chosen, model), ctx, log, ROOT, policy="ctx", generation=1,
-                              after_write=interrupt)
+        the_plan = planner.make_plan(chosen, engine.original_host(ROOT, log))
+        report = engine.apply(the_plan, ctx, log, ROOT, policy="ctx", generation=1, after_write=interrupt)
         assert report.stopped and report.writes == 5 and report.killed == (how == "kill")
         assert len(log.entries()) == 5
         engine.revert(context.Context(), log, ROOT)

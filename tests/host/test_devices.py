@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy
+from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
 from agentlat.tuners import blk, ethtool
 from tests.host import test_ethtool_coalesce as oracle
 
@@ -45,8 +45,7 @@ def device_policy(**fields: object) -> policy.Policy:
 
 def live_plan(chosen: policy.Policy, log: journal.Journal, keep: Callable[[str], bool]) -> plan.Plan:
     """The plan against journaled originals, narrowed to the test's own devices."""
-    model = host.read(ROOT, hostfs.HostFS(ROOT, overrides=engine.original_view(log)))
-    full = planner.make_plan(chosen, model)
+    full = planner.make_plan(chosen, engine.original_host(ROOT, log))
     return plan.Plan(full.policy, full.cpus, tuple(a for a in full.actions if keep(a.target)),
                      tuple(s for s in full.skips if keep(s.target)))
 

@@ -12,11 +12,25 @@ from typing import NamedTuple
 
 import pytest
 
-from agentlat.operator import cli, snapshot
+from agentlat.operator import cli, context, engine, journal, planner, policy, snapshot
 from tests import hostgen
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"
 REPO = FIXTURES.parent.parent
+
+
+def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
+    """Every regular file of a host tree by path, to compare a tree byte for byte."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.is_symlink()}
+
+
+def apply_policy(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal,
+                 ctx: context.Context | None = None, after_write: engine.WriteHook | None = None) -> engine.Report:
+    """Plan against the journaled originals and apply, as `agentlat apply` does."""
+    result = planner.make_plan(chosen, engine.original_host(root, log))
+    return engine.apply(result, ctx or context.Context(), log, root, policy=chosen.name,
+                        generation=chosen.generation, after_write=after_write)
 
 
 class CliResult(NamedTuple):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, planner, policy
+from agentlat.operator import context, cpulist, engine, host, journal, planner, policy
 from agentlat.tuners import blk
 from tests import hostgen
 from tests.plugins import hosts
@@ -29,17 +29,6 @@ def blk_policy(*rules: policy.BlockRule, generation: int = 1) -> policy.Policy:
 
 def rows(chosen: policy.Policy, root: pathlib.Path = LARGE) -> list[tuple[str, str | None, str]]:
     return [(a.target, a.current, a.desired) for a in planner.make_plan(chosen, host.read(root)).actions]
-
-
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
-
-
-def apply(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal) -> engine.Report:
-    model = host.read(root, hostfs.HostFS(root, overrides=engine.original_view(log)))
-    return engine.apply(planner.make_plan(chosen, model), context.Context(), log, root, policy=chosen.name,
-                        generation=chosen.generation)
 
 
 @pytest.fixture
@@ -125,25 +114,25 @@ def test_first_matching_rule_wins() -> None:
 
 def test_apply_revert_is_byte_identical_and_reapply_writes_nothing(large: pathlib.Path,
                                                                    log: journal.Journal) -> None:
-    before = tree_bytes(large)
+    before = hosts.tree_bytes(large)
     chosen = blk_policy(policy.BlockRule("nvme*", nr_requests=64, scheduler="none", wbt_lat_micros=1000))
-    report = apply(chosen, large, log)
+    report = hosts.apply_policy(chosen, large, log)
     assert report.complete and report.writes == 5
     assert (large / Q1 / "scheduler").read_text() == "[none] mq-deadline kyber\n"
     model = host.read(large)
     assert {(d.scheduler, d.nr_requests, d.wbt_lat_usec) for d in model.blockdevs.values()} == {("none", 64, 1000)}
     assert planner.make_plan(chosen, model).empty
-    again = apply(chosen, large, log)
+    again = hosts.apply_policy(chosen, large, log)
     assert again.writes == 0 and again.complete
     assert engine.drift(log, large) == []
     reverted = engine.revert(context.Context(), log, large)
     assert reverted.complete
-    assert tree_bytes(large) == before
+    assert hosts.tree_bytes(large) == before
     assert log.entries() == []
 
 
 def test_hold_without_a_later_setting_never_drifts(large: pathlib.Path, log: journal.Journal) -> None:
-    report = apply(blk_policy(policy.BlockRule("nvme1n1", scheduler="kyber")), large, log)
+    report = hosts.apply_policy(blk_policy(policy.BlockRule("nvme1n1", scheduler="kyber")), large, log)
     assert [r.outcome for r in report.results] == ["Unchanged", "Applied"]
     (large / Q1 / "nr_requests").write_text("512\n")  # what the kernel's switch would do; not drift
     assert engine.drift(log, large) == []

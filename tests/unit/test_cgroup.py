@@ -12,16 +12,12 @@ import pytest
 from agentlat.operator import context, engine, host, hostfs, journal, plan, planner, policy, workloads
 from agentlat.tuners import cgroup
 from tests import workloadgen
+from tests.plugins import hosts
 from tests.workloadgen import AGENT_POD, INDEXER_POD, Proc, Spec, Thread
 
 BOOT = "00000000-0000-4000-8000-000000000001"
 NO_IRQ = policy.IrqPolicy(move_off_agent_cpus=False, set_default_affinity=False, rps=False)
 SELECTION = workloads.Selection({"agent": (AGENT_POD,), "indexer": (INDEXER_POD,)})
-
-
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def pod_workload(name: str, **budget: object) -> policy.Workload:
@@ -137,7 +133,7 @@ def test_idle_off_comes_before_the_weight(tmp_path: pathlib.Path) -> None:
 def test_apply_then_revert_is_byte_identical(tmp_path: pathlib.Path, log: journal.Journal, version: str,
                                              driver: str) -> None:
     root = node(tmp_path, version, driver)
-    before = tree_bytes(root)
+    before = hosts.tree_bytes(root)
     chosen = make_policy(
         pod_workload("agent", cpu_weight=1000, cpu_max_micros=80000, cpu_max_burst_micros=1000,
                      io_latency_target_micros=250),
@@ -145,12 +141,12 @@ def test_apply_then_revert_is_byte_identical(tmp_path: pathlib.Path, log: journa
     first = plan_for(chosen, root, log)
     report = engine.apply(first, context.Context(), log, root, policy="p", generation=1)
     assert report.complete, [r for r in report.results if not r.ok]
-    assert tree_bytes(root) != before
+    assert hosts.tree_bytes(root) != before
     assert not [a for a in plan_for(chosen, root).actions if a.desired != cgroup.KEEP], "planned state: no change"
     again = engine.apply(plan_for(chosen, root, log), context.Context(), log, root, policy="p", generation=1)
     assert again.writes == 0
     reverted = engine.revert(context.Context(), log, root)
-    assert reverted.complete and tree_bytes(root) == before
+    assert reverted.complete and hosts.tree_bytes(root) == before
 
 
 def test_io_latency_keeps_other_devices(tmp_path: pathlib.Path, log: journal.Journal) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from agentlat.operator import context, daemon, journal, policy, ratelimit, uevents
+from tests.plugins import hosts
 
 GUARD = 10.0  # seconds; only a guard against hangs, never a timing assumption
 POLICY = """
@@ -40,11 +41,6 @@ class Clock:
 
 def agents(generation: int = 1, mode: str = "Enforce") -> policy.Policy:
     return policy.load_text(POLICY % {"generation": generation, "mode": mode})[0]
-
-
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def add_loop(root: pathlib.Path, name: str, nr_requests: int = 128) -> pathlib.Path:
@@ -141,14 +137,14 @@ def test_new_device_is_tuned_alone_and_its_latency_measured(vm: pathlib.Path, no
     applied(node)
     loop = add_loop(vm, "loop9")
     veth = add_veth(vm, "veth9")
-    before = tree_bytes(vm)
+    before = hosts.tree_bytes(vm)
     node.feed([event("add", "block", "/devices/virtual/block/loop9", clock.now),
                event("add", "net", "/devices/virtual/net/veth9", clock.now, interface="veth9")])
     clock.advance(0.004)  # every write of the reactions happens 4 ms after the events were read
     assert node.work(context.Context()) == 2
     assert (loop / "nr_requests").read_text().strip() == "64"
     assert [(veth / f"queues/rx-{i}/rps_cpus").read_text().strip() for i in (0, 1)] == ["1", "1"]
-    after = tree_bytes(vm)
+    after = hosts.tree_bytes(vm)
     changed = {path for path in after if before.get(path) != after[path]}
     assert changed == {"sys/devices/virtual/block/loop9/queue/nr_requests",
                        "sys/devices/virtual/net/veth9/queues/rx-0/rps_cpus",
@@ -164,11 +160,11 @@ def test_a_device_reaction_never_releases_the_rest_of_the_host(vm: pathlib.Path,
                                                                  clock: Clock) -> None:
     applied(node)
     journaled = set(entries(node))
-    before = tree_bytes(vm)
+    before = hosts.tree_bytes(vm)
     node.feed([event("change", "block", "/devices/virtual/block/loop0", clock.now)])
     node.work(context.Context())
     assert set(entries(node)) == journaled
-    assert tree_bytes(vm) == before
+    assert hosts.tree_bytes(vm) == before
     assert results_for(node, "sys/block/loop0/")[-1] == ("Unchanged", "sys/block/loop0/queue/nr_requests")
 
 
@@ -391,23 +387,23 @@ def test_a_newer_policy_stops_the_running_reconcile(vm: pathlib.Path, node: daem
 
 
 def test_no_policy_reverts_everything_byte_for_byte(vm: pathlib.Path, node: daemon.NodeDaemon) -> None:
-    before = tree_bytes(vm)
+    before = hosts.tree_bytes(vm)
     applied(node)
-    assert tree_bytes(vm) != before
+    assert hosts.tree_bytes(vm) != before
     node.set_policy(None, 2)
     node.work(context.Context())
-    assert tree_bytes(vm) == before
+    assert hosts.tree_bytes(vm) == before
     assert node.snapshot().condition("Applied").reason == "Reverted"
 
 
 def test_dry_run_writes_nothing_and_says_so(vm: pathlib.Path, node: daemon.NodeDaemon, clock: Clock) -> None:
-    before = tree_bytes(vm)
+    before = hosts.tree_bytes(vm)
     node.set_policy(agents(mode="DryRun"), 1)
     node.work(context.Context())
     add_loop(vm, "loop9")
     node.feed([event("add", "block", "/devices/virtual/block/loop9", clock.now)])
     node.work(context.Context())
-    assert {k: v for k, v in tree_bytes(vm).items() if "loop9" not in k} == before
+    assert {k: v for k, v in hosts.tree_bytes(vm).items() if "loop9" not in k} == before
     assert (vm / "sys/block/loop9/queue/nr_requests").read_text().strip() == "128"
     assert node.snapshot().condition("Applied").reason == "DryRun"
 

@@ -14,15 +14,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, planner, policy
+from agentlat.operator import context, cpulist, engine, host, journal, planner, policy
 from tests.plugins import hosts
 
 BOOT = "00000000-0000-4000-8000-000000000001"
-
-
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def irq_policy(agent: str, name: str = "p", generation: int = 1, **irq: object) -> policy.Policy:
@@ -42,38 +37,30 @@ def log(tmp_path: pathlib.Path, vm: pathlib.Path) -> Iterator[journal.Journal]:
         yield opened
 
 
-def apply(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal,
-          ctx: context.Context | None = None, **kwargs: object) -> engine.Report:
-    model = host.read(root, hostfs.HostFS(root, overrides=engine.original_view(log)))
-    result = planner.make_plan(chosen, model)
-    return engine.apply(result, ctx or context.Context(), log, root, policy=chosen.name,
-                        generation=chosen.generation, **kwargs)  # type: ignore[arg-type]
-
-
 def test_apply_then_revert_is_byte_identical(vm: pathlib.Path, log: journal.Journal) -> None:
-    before = tree_bytes(vm)
-    report = apply(irq_policy("1"), vm, log)
+    before = hosts.tree_bytes(vm)
+    report = hosts.apply_policy(irq_policy("1"), vm, log)
     assert report.complete and report.writes == 19
-    assert tree_bytes(vm) != before
+    assert hosts.tree_bytes(vm) != before
     reverted = engine.revert(context.Context(), log, vm)
     assert reverted.complete and reverted.count("Reverted") == 19
-    assert tree_bytes(vm) == before
+    assert hosts.tree_bytes(vm) == before
     assert log.entries() == []
 
 
 def test_second_apply_writes_nothing(vm: pathlib.Path, log: journal.Journal) -> None:
-    apply(irq_policy("1"), vm, log)
-    again = apply(irq_policy("1"), vm, log)
+    hosts.apply_policy(irq_policy("1"), vm, log)
+    again = hosts.apply_policy(irq_policy("1"), vm, log)
     assert again.writes == 0
     assert {r.outcome for r in again.results} == {"Unchanged"}
 
 
 def test_changed_policy_reverts_what_it_no_longer_wants_and_keeps_first_originals(
         vm: pathlib.Path, log: journal.Journal) -> None:
-    before = tree_bytes(vm)
-    apply(irq_policy("1"), vm, log)
+    before = hosts.tree_bytes(vm)
+    hosts.apply_policy(irq_policy("1"), vm, log)
     narrower = irq_policy("1", generation=2, exclude=("virtio2-*",), set_default_affinity=False)
-    report = apply(narrower, vm, log)
+    report = hosts.apply_policy(narrower, vm, log)
     released = {r.target for r in report.results if r.outcome == "Reverted"}
     assert released == {"proc/irq/37/smp_affinity_list", "proc/irq/38/smp_affinity_list",
                         "proc/irq/39/smp_affinity_list", "proc/irq/default_smp_affinity"}
@@ -83,7 +70,7 @@ def test_changed_policy_reverts_what_it_no_longer_wants_and_keeps_first_original
     assert originals["proc/irq/41/smp_affinity_list"] == "0-1", "the first apply's original is kept"
     assert {e.generation for e in log.entries()} == {2}
     engine.revert(context.Context(), log, vm)
-    assert tree_bytes(vm) == before
+    assert hosts.tree_bytes(vm) == before
 
 
 @pytest.mark.parametrize(("code", "outcome", "words"), [
@@ -108,7 +95,7 @@ def test_kernel_refusals_become_outcomes(vm: pathlib.Path, log: journal.Journal,
         return real_write(fd, data)
 
     monkeypatch.setattr(os, "write", write)
-    report = apply(irq_policy("1"), vm, log)
+    report = hosts.apply_policy(irq_policy("1"), vm, log)
     by_target = {r.target: r for r in report.results}
     refused_result = by_target["proc/irq/41/smp_affinity_list"]
     assert refused_result.outcome == outcome
@@ -129,8 +116,8 @@ def test_irq_vanishing_mid_pass_is_enoent(vm: pathlib.Path, log: journal.Journal
 
 def test_originals_from_an_earlier_boot_are_never_written_back(vm: pathlib.Path, tmp_path: pathlib.Path) -> None:
     with journal.Journal.open(tmp_path / "s", BOOT) as first:
-        apply(irq_policy("1"), vm, first)
-    applied = tree_bytes(vm)
+        hosts.apply_policy(irq_policy("1"), vm, first)
+    applied = hosts.tree_bytes(vm)
     new_boot = "11111111-0000-4000-8000-000000000002"
     (vm / "proc/sys/kernel/random/boot_id").write_text(new_boot + "\n")
     with journal.Journal.open(tmp_path / "s", new_boot) as second:
@@ -138,25 +125,25 @@ def test_originals_from_an_earlier_boot_are_never_written_back(vm: pathlib.Path,
         assert report.stale_dropped == 19 and report.writes == 0
         assert second.entries(current_boot_only=False) == []
     applied["proc/sys/kernel/random/boot_id"] = (new_boot + "\n").encode()
-    assert tree_bytes(vm) == applied
+    assert hosts.tree_bytes(vm) == applied
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 @pytest.mark.parametrize("after", [1, 7, 18])
 def test_stop_or_kill_then_revert_restores(vm: pathlib.Path, log: journal.Journal, how: str, after: int) -> None:
-    before = tree_bytes(vm)
+    before = hosts.tree_bytes(vm)
     ctx = context.Context()
 
     def interrupt(writes: int) -> None:
         if writes == after:
             getattr(ctx, how)()
 
-    report = apply(irq_policy("1"), vm, log, ctx, after_write=interrupt)
+    report = hosts.apply_policy(irq_policy("1"), vm, log, ctx, after_write=interrupt)
     assert report.stopped and report.killed == (how == "kill")
     assert report.writes == after and report.not_run == 19 - after
     assert len(log.entries()) == after, "every write was journaled first; nothing after the stop"
     engine.revert(context.Context(), log, vm)
-    assert tree_bytes(vm) == before
+    assert hosts.tree_bytes(vm) == before
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -167,18 +154,18 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_sigkill_after_every_write_then_revert_restores(vm: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """A real SIGKILL of the apply process right after write k, for every k; then `agentlat revert`."""
     example = str(hosts.REPO / "examples/interactive-agents.yaml")
-    pristine = tree_bytes(vm)
+    pristine = hosts.tree_bytes(vm)
     total = 19
     for k in range(1, total + 1):
         state = tmp_path / f"state{k}"
         killed = run_cli("apply", example, "--root", str(vm), "--state", str(state),
                          env={"AGENTLAT_FAULT_KILL_AFTER_WRITES": str(k)})
         assert killed.returncode == -9, (k, killed.stderr)
-        changed = sum(1 for rel, data in tree_bytes(vm).items() if pristine[rel] != data)
+        changed = sum(1 for rel, data in hosts.tree_bytes(vm).items() if pristine[rel] != data)
         assert changed == k
         reverted = run_cli("revert", "--root", str(vm), "--state", str(state))
         assert reverted.returncode == 0, reverted.stderr
-        assert tree_bytes(vm) == pristine, f"not restored after a kill at write {k}"
+        assert hosts.tree_bytes(vm) == pristine, f"not restored after a kill at write {k}"
 
 
 def test_two_applies_cannot_interleave(vm: pathlib.Path, tmp_path: pathlib.Path) -> None:

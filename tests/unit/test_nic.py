@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy
+from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
 from agentlat.tuners import ethtool, nic
 from tests import hostgen
 from tests.plugins import hosts
@@ -24,20 +24,9 @@ def nic_policy(*rules: tuple[str | None, str | None, Mapping[str, int | bool]], 
                          nic=tuple(policy.NicRule(name, driver, dict(coalesce)) for name, driver, coalesce in rules))
 
 
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
-
-
 def coalesce_json(root: pathlib.Path, ifname: str) -> dict[str, object]:
     data: dict[str, object] = json.loads((root / "sys/class/net" / ifname / host.COALESCE_FILE).read_text())
     return data
-
-
-def apply(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal) -> engine.Report:
-    model = host.read(root, hostfs.HostFS(root, overrides=engine.original_view(log)))
-    return engine.apply(planner.make_plan(chosen, model), context.Context(), log, root, policy=chosen.name,
-                        generation=chosen.generation)
 
 
 @pytest.fixture(autouse=True)
@@ -108,20 +97,20 @@ def test_nic_without_coalescing_ops_and_trees_without_data(large: pathlib.Path) 
 
 def test_apply_revert_is_byte_identical_and_reapply_writes_nothing(large: pathlib.Path,
                                                                    log: journal.Journal) -> None:
-    before = tree_bytes(large)
+    before = hosts.tree_bytes(large)
     chosen = nic_policy(("eth*", None, {"adaptiveRx": False, "rxUsecs": 2, "cqeModeRx": False}))
-    report = apply(chosen, large, log)
+    report = hosts.apply_policy(chosen, large, log)
     assert report.complete and report.writes == 6
     assert coalesce_json(large, "eth1")["params"] == {**hostgen.MLX5_COALESCE, "adaptiveRx": 0, "rxUsecs": 2,
                                                       "cqeModeRx": 0}
-    again = apply(chosen, large, log)
+    again = hosts.apply_policy(chosen, large, log)
     assert again.writes == 0 and again.complete, "planned against journaled originals, nothing left to do"
     assert {r.outcome for r in again.results} == {"Unchanged"}
     assert engine.drift(log, large) == []
     reverted = engine.revert(context.Context(), log, large)
     assert reverted.complete and reverted.count("Reverted") == 6
     assert host.read(large).netdevs["eth1"].coalesce == hostgen.MLX5_COALESCE
-    assert tree_bytes(large) == before
+    assert hosts.tree_bytes(large) == before
 
 
 def test_refused_and_ignored_parameters_do_not_block_the_others(large: pathlib.Path, log: journal.Journal) -> None:
@@ -130,7 +119,8 @@ def test_refused_and_ignored_parameters_do_not_block_the_others(large: pathlib.P
     path = large / "sys/class/net/eth0" / host.COALESCE_FILE
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "refuses": {"rxFrames": "EINVAL"}, "ignores": ["adaptiveRx"]}))
-    report = apply(nic_policy(("eth0", None, {"adaptiveRx": False, "rxFrames": 1, "rxUsecs": 2})), large, log)
+    wanted = nic_policy(("eth0", None, {"adaptiveRx": False, "rxFrames": 1, "rxUsecs": 2}))
+    report = hosts.apply_policy(wanted, large, log)
     outcome = {r.target.rsplit("/", 1)[1]: r for r in report.results}
     assert outcome["adaptiveRx"].outcome == "Unsupported"
     assert "accepted adaptiveRx=0 but still reports 1: the driver ignores it" in outcome["adaptiveRx"].detail

@@ -23,11 +23,6 @@ def rps_policy(agent: str | None = None, **irq: object) -> policy.Policy:
                          irq=dataclasses.replace(policy.IrqPolicy(False, False), **irq))  # type: ignore[arg-type]
 
 
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
-
-
 @pytest.fixture
 def log(tmp_path: pathlib.Path) -> Iterator[journal.Journal]:
     with journal.Journal.open(tmp_path / "state", hostgen.HostSpec().boot_id) as opened:
@@ -98,7 +93,7 @@ def test_single_queue_devices_without_xps_get_one_skip(generated_host: Callable[
 
 def test_apply_revert_on_the_large_host(fixture_host: Callable[[str], pathlib.Path], log: journal.Journal) -> None:
     root = fixture_host("gen-2numa-128cpu")
-    before = tree_bytes(root)
+    before = hosts.tree_bytes(root)
     chosen = rps_policy()
     model = host.read(root, hostfs.HostFS(root, overrides=engine.original_view(log)))
     report = engine.apply(planner.make_plan(chosen, model), context.Context(), log, root, policy="rps", generation=1)
@@ -108,11 +103,11 @@ def test_apply_revert_on_the_large_host(fixture_host: Callable[[str], pathlib.Pa
     for netdev in after.netdevs.values():
         assert all(not cpulist.parse_mask(mask) & agent for mask in netdev.xps_cpus.values())
     assert planner.make_plan(chosen, after).empty, "planning the planned state is empty"
-    again = engine.apply(planner.make_plan(chosen, host.read(root, hostfs.HostFS(
-        root, overrides=engine.original_view(log)))), context.Context(), log, root, policy="rps", generation=1)
+    again = engine.apply(planner.make_plan(chosen, engine.original_host(root, log)), context.Context(), log, root,
+                         policy="rps", generation=1)
     assert again.writes == 0
     assert engine.revert(context.Context(), log, root).complete
-    assert tree_bytes(root) == before
+    assert hosts.tree_bytes(root) == before
 
 
 def test_same_compares_cpu_sets() -> None:

@@ -15,15 +15,11 @@ import pytest
 from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy, workloads
 from agentlat.tuners import sched
 from tests import workloadgen
+from tests.plugins import hosts
 from tests.workloadgen import Proc, Spec, Thread
 
 BOOT = "00000000-0000-4000-8000-000000000001"
 NO_IRQ = policy.IrqPolicy(move_off_agent_cpus=False, set_default_affinity=False, rps=False)
-
-
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
 
 
 def make_policy(*items: policy.Workload, agent: str = "2-3", generation: int = 1) -> policy.Policy:
@@ -104,7 +100,7 @@ def test_background_defaults_to_idle_on_housekeeping_cpus(root: pathlib.Path) ->
 
 
 def test_apply_then_revert_restores_every_thread_exactly(root: pathlib.Path, log: journal.Journal) -> None:
-    before = tree_bytes(root)
+    before = hosts.tree_bytes(root)
     chosen = make_policy(agent_loop(nice=-5, slice_micros=300, timer_slack_nanos=1000, pin_to_agent_cpus=True),
                          indexer(timer_slack_nanos=2_000_000))
     report = apply(chosen, root, log)
@@ -116,7 +112,7 @@ def test_apply_then_revert_restores_every_thread_exactly(root: pathlib.Path, log
     again = apply(chosen, root, log)
     assert again.writes == 0 and {r.outcome for r in again.results} == {"Unchanged"}
     reverted = engine.revert(context.Context(), log, root)
-    assert reverted.complete and tree_bytes(root) == before
+    assert reverted.complete and hosts.tree_bytes(root) == before
     assert log.entries() == []
 
 
@@ -124,7 +120,7 @@ def test_fifo_journals_the_timer_slack_it_clobbers(tmp_path: pathlib.Path, log: 
     root = workloadgen.build(spec(processes=(
         Proc(1234, "agent-loop", ("agent",), threads=(Thread(1234, timer_slack_ns=1000), Thread(1235))),)),
         tmp_path / "h")
-    before = tree_bytes(root)
+    before = hosts.tree_bytes(root)
     chosen = make_policy(agent_loop(sched_policy="fifo", rt_priority=10, nice=-5, timer_slack_nanos=5))
     result = plan_for(chosen, root)
     actions = sched_actions(result)
@@ -141,7 +137,7 @@ def test_fifo_journals_the_timer_slack_it_clobbers(tmp_path: pathlib.Path, log: 
     reverted = engine.revert(context.Context(), log, root)
     assert reverted.complete
     assert fake(root, 1234, 1234)["timer_slack_ns"] == 1000, "leaving RT reset it to 50000; revert restored 1000"
-    assert tree_bytes(root) == before
+    assert hosts.tree_bytes(root) == before
 
 
 def test_rt_priority_above_49_is_refused(root: pathlib.Path) -> None:

@@ -34,14 +34,9 @@ spec:
 """
 
 
-def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
-
-
 def test_committed_fixture_matches_the_generator(tmp_path: pathlib.Path) -> None:
     fresh = workloadgen.build(workloadgen.cluster_node("2", "systemd"), tmp_path / "fresh")
-    assert tree_bytes(fresh) == tree_bytes(hosts.FIXTURES / FIXTURE)
+    assert hosts.tree_bytes(fresh) == hosts.tree_bytes(hosts.FIXTURES / FIXTURE)
 
 
 def test_plan_shows_workload_actions(run_cli: Callable[..., CliResult],
@@ -63,13 +58,13 @@ def test_apply_and_revert_through_the_cli(run_cli: Callable[..., CliResult],
                                           policy_file: Callable[[str], pathlib.Path],
                                           fixture_host: Callable[[str], pathlib.Path], tmp_path: pathlib.Path) -> None:
     root = fixture_host(FIXTURE)
-    before = tree_bytes(root)
+    before = hosts.tree_bytes(root)
     path = policy_file(POLICY)
     applied = run_cli("apply", path, "--root", root, "--state", tmp_path / "state")
     assert applied.code == 0, applied.out + applied.err
-    assert tree_bytes(root) != before
+    assert hosts.tree_bytes(root) != before
     again = run_cli("apply", path, "--root", root, "--state", tmp_path / "state", "-o", "json")
     assert json.loads(again.out)["writes"] == 0
     reverted = run_cli("revert", "--root", root, "--state", tmp_path / "state")
     assert reverted.code == 0, reverted.out + reverted.err
-    assert tree_bytes(root) == before
+    assert hosts.tree_bytes(root) == before
