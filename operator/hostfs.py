@@ -27,9 +27,6 @@ class HostFS:
         self.links: dict[str, str] = {}
         self._readonly = _manifest_readonly(root)
 
-    def path(self, rel: str) -> pathlib.Path:
-        return self.root / rel
-
     def read(self, rel: str) -> str | None:
         """The file's text without the trailing newline, or None if it is absent or unreadable.
         An override (a journaled original) stands in for the file's live content."""
