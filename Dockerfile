@@ -14,7 +14,7 @@ COPY pyproject.toml README.md ./
 COPY crds/ crds/
 COPY operator/ operator/
 COPY tuners/ tuners/
-# The CRD schema validates policies at run time and agentlat.operator.schema looks for crds/ next to the
+# The CRD schema validates policies at run time and agentlat.operator.model.schema looks for crds/ next to the
 # package: make sure the installed package has them, whether or not the wheel ships them.
 RUN python -m venv /opt/agentlat \
  && /opt/agentlat/bin/pip install --no-compile . \

@@ -33,7 +33,10 @@ from collections.abc import Callable, Iterator
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from agentlat.operator import context, daemon, engine, policy, stats
+from agentlat.operator.core import context, engine
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.model import policy
+from agentlat.operator.observe import stats
 
 ROOT = pathlib.Path("/")
 LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81

@@ -16,7 +16,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from agentlat.operator import cpulist, host, planner, policy
+from agentlat.operator.core import planner
+from agentlat.operator.model import host, policy
+from agentlat.tuners.kernel import cpulist
 from tests import hostgen
 
 CPUS = 512

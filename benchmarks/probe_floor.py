@@ -18,7 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agentlat.operator import noise, probe, stats
+from agentlat.operator.bench import noise, probe
+from agentlat.operator.observe import stats
 
 FLOOR_LABELS = {
     "clock": "clock (back-to-back reads)",

@@ -14,7 +14,8 @@ import pathlib
 import uuid
 from collections.abc import Mapping
 
-from agentlat.operator import cpulist, host, hostfs
+from agentlat.operator.model import host
+from agentlat.tuners.kernel import cpulist, hostfs
 
 # What `ethtool -c` reports for an mlx5 port (the parameters in its supported_coalesce_params).
 MLX5_COALESCE: Mapping[str, int] = {"rxUsecs": 8, "rxFrames": 128, "txUsecs": 16, "txFrames": 32,

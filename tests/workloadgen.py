@@ -17,7 +17,8 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-from agentlat.operator import cpulist, workloads
+from agentlat.operator.model import workloads
+from agentlat.tuners.kernel import cpulist
 from tests import hostgen
 
 V2_CONTROLLERS = "cpuset cpu io memory pids"

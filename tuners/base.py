@@ -13,7 +13,7 @@ import pathlib
 from collections.abc import Iterable
 from typing import Protocol
 
-from agentlat.operator import host, plan, policy
+from agentlat.operator.model import host, plan, policy
 
 ALLOWED_TOPS = ("proc", "sys")
 

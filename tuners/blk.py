@@ -32,7 +32,7 @@ import os
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator import host, plan, policy
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import base
 
 NAME = "blk"

@@ -30,7 +30,7 @@ import pathlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 
-from agentlat.operator import host, plan, policy, workloads
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
 
 NAME = "cgroup"

@@ -7,8 +7,9 @@ import fnmatch
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator import cpulist, host, plan, policy
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import base
+from agentlat.tuners.kernel import cpulist
 
 NAME = "irq"
 DEFAULT_AFFINITY = "proc/irq/default_smp_affinity"

@@ -6,7 +6,7 @@ one. A ban this tuner sent is therefore read back as sent until a few rescan int
 (``pending``); after that only what irqbalance reports counts, and a ban it dropped shows up as drift.
 
 Planning needs /proc and the socket (discovery is I/O), so ``plan`` yields nothing here:
-:func:`agentlat.operator.irqbalance.plan_for` plans it from what the daemon found.
+:func:`plan_for` plans it from what the daemon found.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import errno
 import pathlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
-from agentlat.operator import cpulist, host, irqbalance, plan, policy
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import base
+from agentlat.tuners.kernel import cpulist, irqbalance
 
 NAME = irqbalance.TUNER
 PENDING_RESCANS = 3  # how many rescan intervals a sent ban may take to show
@@ -90,6 +91,65 @@ class IrqbalanceTuner:
             raise FileNotFoundError(errno.ENOENT, f"irqbalance pid {pid} has no control socket {path} "
                                                   "(it exited or restarted)", target)
         return path
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    if not version:
+        return None
+    parts = []
+    for piece in version.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts) or None
+
+
+def env_setting(instance: irqbalance.Instance, agent: cpulist.CpuSet) -> str:
+    """The environment line that makes this irqbalance ban the agent CPUs (and keep what it bans)."""
+    wanted = instance.auto_banned | agent
+    known = version_tuple(instance.version)
+    if known is not None and known < (1, 8):
+        groups = max(cpu for cpu in wanted) // 32 + 1
+        return f"IRQBALANCE_BANNED_CPUS={cpulist.format_mask(wanted, groups)}"
+    return f"IRQBALANCE_BANNED_CPULIST={cpulist.format(wanted)}"
+
+
+def plan_for(mode: str, cpus: plan.Cpus, found: Sequence[irqbalance.Found]) -> list[plan.Action | plan.Skip]:
+    """Actions (over the control socket) or reported skips for every irqbalance found."""
+    agent = cpus.agent
+    if not agent:
+        return []
+    out: list[plan.Action | plan.Skip] = []
+    shown = cpulist.format(agent)
+    for item in found:
+        instance = item.instance
+        where = irqbalance.target(instance.pid)
+        if mode != "Coordinate":
+            out.append(plan.Skip(NAME, where, f"{instance.label} is running and spec.irq.irqbalance is {mode}: it "
+                                               f"may move IRQs back onto agent CPUs {shown} (re-asserted as drift)"))
+        elif instance.socket is None:
+            if agent <= instance.auto_banned:
+                continue
+            out.append(plan.Skip(NAME, where, unsupported_reason(instance, agent)))
+        elif item.banned is None:
+            out.append(plan.Skip(NAME, where, f"{instance.label}: its control socket {instance.socket} did not "
+                                               f"answer ({item.error}); agent CPUs {shown} are not banned"))
+        elif not agent <= item.banned:
+            desired = item.banned | agent
+            kept = f", keeping {cpulist.format(item.banned)}" if item.banned else ""
+            out.append(plan.Action(NAME, where, cpulist.format(item.banned), cpulist.format(desired),
+                                   f"{instance.label}: ban agent CPUs {shown} over its control socket{kept} "
+                                   f"(it applies bans at its next rescan)"))
+    return out
+
+
+def unsupported_reason(instance: irqbalance.Instance, agent: cpulist.CpuSet) -> str:
+    sock = f"{irqbalance.SOCKET_DIR}/irqbalance{instance.pid}.sock"
+    return (f"Unsupported: {instance.label} has no control socket ({sock}; "
+            f"builds without irqbalance-ui support and old releases have none) and reads banned CPUs only from its "
+            f"environment at start. Add {env_setting(instance, agent)} to its environment (/etc/default/irqbalance "
+            f"or /etc/sysconfig/irqbalance) and restart it; agentlat does not edit /etc")
 
 
 def _parse(text: str) -> cpulist.CpuSet:

@@ -1,7 +1,7 @@
 """NIC interrupt coalescing (``ethtool -C``) over ethtool netlink, one parameter per action.
 
 Targets are ``ethtool/IF/PARAM`` (``ethtool/eth0/rxUsecs``), values decimal strings (booleans 0/1).
-On the real root they go through :mod:`agentlat.tuners.ethtool`; on any other root through the tree's
+On the real root they go through :mod:`agentlat.tuners.kernel.ethtool`; on any other root through the tree's
 ``sys/class/net/IF/agentlat-coalesce.json``, so a fixture never reaches a real device.
 
 Drivers may take a value and ignore it (virtio_net without VIRTIO_NET_F_VQ_NOTF_COAL accepts
@@ -19,8 +19,9 @@ import pathlib
 from collections.abc import Iterator
 from typing import Any
 
-from agentlat.operator import host, plan, policy
-from agentlat.tuners import base, ethtool
+from agentlat.operator.model import host, plan, policy
+from agentlat.tuners import base
+from agentlat.tuners.kernel import ethtool
 
 NAME = "nic"
 _VIRTIO_NET_F_VQ_NOTF_COAL = 52

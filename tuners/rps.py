@@ -14,8 +14,9 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator import cpulist, host, plan, policy
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import base
+from agentlat.tuners.kernel import cpulist
 
 NAME = "rps"
 

@@ -26,8 +26,9 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-from agentlat.operator import cpulist, host, plan, policy, workloads
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
+from agentlat.tuners.kernel import cpulist
 
 NAME = "sched"
 KEEP = "keep"

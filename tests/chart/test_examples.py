@@ -10,7 +10,7 @@ import kubernetes.client
 import pytest
 import yaml
 
-from agentlat.operator import policy
+from agentlat.operator.model import policy
 from tests.chart import render
 
 EXAMPLES = sorted((render.REPO / "examples").glob("*.yaml"))

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy
+from agentlat.tuners.kernel import cpulist
 from tests.plugins import hosts, realhost
 
 pytestmark = pytest.mark.host

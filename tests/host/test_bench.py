@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from agentlat.operator import noise
+from agentlat.operator.bench import noise
 from tests.plugins import realhost
 
 pytestmark = pytest.mark.host

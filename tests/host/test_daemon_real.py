@@ -21,7 +21,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, daemon, engine, host, policy, uevents
+from agentlat.operator.core import context, engine
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.model import host, policy
+from agentlat.tuners.kernel import uevents
 from tests.plugins import realhost
 
 pytestmark = pytest.mark.host

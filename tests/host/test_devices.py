@@ -22,8 +22,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
-from agentlat.tuners import blk, ethtool
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy
+from agentlat.tuners import blk
+from agentlat.tuners.kernel import cpulist, ethtool
 from tests.host import test_ethtool_coalesce as oracle
 
 pytestmark = [
@@ -325,7 +327,7 @@ def test_nr_requests_over_the_limit_fails_and_changes_nothing(loop_device: str, 
 
 
 def test_snapshot_captures_coalescing_for_tree_readers(uplink_untouched: dict[str, int]) -> None:
-    from agentlat.operator import snapshot
+    from agentlat.operator.cli import snapshot
 
     with tempfile.TemporaryDirectory() as out:
         snapshot.take(ROOT, pathlib.Path(out))

@@ -19,7 +19,7 @@ from collections import abc
 
 import pytest
 
-from agentlat.tuners import ethtool
+from agentlat.tuners.kernel import ethtool
 
 pytestmark = [
     pytest.mark.host,

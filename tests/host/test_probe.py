@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from agentlat.operator import noise, probe
+from agentlat.operator.bench import noise, probe
 
 pytestmark = pytest.mark.host
 
@@ -113,7 +113,7 @@ def test_noise_workers_stop_at_their_deadline() -> None:
 
 _MIDDLE = """
 import os, signal
-from agentlat.operator import noise
+from agentlat.operator.bench import noise
 mix = noise.NoiseMix(noise.NoiseConfig(duration_s=120))
 mix.start()
 print(" ".join(map(str, mix.pids)), flush=True)

@@ -19,8 +19,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy, workloads
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, cgroup, sched
+from agentlat.tuners.kernel import cpulist, hostfs
 
 pytestmark = pytest.mark.host
 

@@ -123,7 +123,7 @@ def agentlat_controller(
 ) -> Callable[..., Any]:
     """Factory: run ``agentlat controller`` (Kopf, peering ``agentlat``) in a thread as the
     ``agentlat-controller`` ServiceAccount; returns the ``controller.Controller``."""
-    from agentlat.operator import controller
+    from agentlat.operator.kube import controller
 
     def start(**kwargs: Any) -> controller.Controller:
         if kube_apiserver.get_object("clusterkopfpeerings", PEERING, "kopf.dev") is None:

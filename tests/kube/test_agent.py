@@ -15,7 +15,12 @@ import kubernetes.client
 import prometheus_client
 import pytest
 
-from agentlat.operator import _kube, agent, daemon, engine, errors, metrics, plan, policy, profiles
+from agentlat.operator.core import engine
+from agentlat.operator.daemon import metrics
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.kube import agent, profiles
+from agentlat.operator.kube import client as _kube
+from agentlat.operator.model import errors, plan, policy
 from tests.kube import apiserver
 from tests.kube.test_e2e import IRQ, Node, applied, condition, profile, start_node, tree
 

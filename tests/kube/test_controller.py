@@ -13,7 +13,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from agentlat.operator import controller, profiles, uninstall
+from agentlat.operator.kube import controller, profiles, uninstall
 from tests.kube import apiserver
 
 pytestmark = pytest.mark.kube

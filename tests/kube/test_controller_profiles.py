@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlat.operator import controller, errors, policy, profiles, schema
+from agentlat.operator.kube import controller, profiles
+from agentlat.operator.model import errors, policy, schema
 
 pytestmark = pytest.mark.kube
 
@@ -198,7 +199,7 @@ def test_profile_crd_embeds_the_policy_spec_schema_verbatim() -> None:
     policy_spec = next(v for v in policy_crd["spec"]["versions"] if v["name"] == "v1alpha1")["schema"][
         "openAPIV3Schema"]["properties"]["spec"]
     assert profiles.embedded_policy_schema(document) == policy_spec
-    assert profiles.synced_crd_text(text) == text, "run: python -m agentlat.operator.profiles --sync-crd"
+    assert profiles.synced_crd_text(text) == text, "run: python -m agentlat.operator.kube.profiles --sync-crd"
 
 
 def test_sync_crd_rewrites_only_the_marked_block() -> None:

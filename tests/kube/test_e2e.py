@@ -17,8 +17,12 @@ import kubernetes.client
 import prometheus_client
 import pytest
 
-from agentlat.operator import agent, context, controller, daemon, metrics, profiles, uevents, uninstall
+from agentlat.operator.core import context
+from agentlat.operator.daemon import metrics
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.kube import agent, controller, profiles, uninstall
 from agentlat.tuners import irq
+from agentlat.tuners.kernel import uevents
 from tests.kube import apiserver, rbac
 
 pytestmark = pytest.mark.kube
@@ -175,7 +179,7 @@ def test_policy_lifecycle_across_controller_and_two_agents(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = kube_apiserver
-    caplog.set_level(logging.INFO, logger="agentlat.operator.daemon")
+    caplog.set_level(logging.INFO, logger="agentlat.operator.daemon.node")
     admin = kubernetes.client.CustomObjectsApi(kube_client())
     gate = Gate(monkeypatch)
     agents_node = start_node("node-a", {"pool": "agents"})

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import kubernetes.client
 import pytest
 
-from agentlat.operator import profiles
+from agentlat.operator.kube import profiles
 from tests.kube import apiserver
 from tests.kube.test_e2e import IRQ, applied, policy_body, tree
 

@@ -12,7 +12,10 @@ from typing import NamedTuple
 
 import pytest
 
-from agentlat.operator import cli, context, engine, journal, planner, policy, snapshot
+from agentlat.operator.cli import main as cli
+from agentlat.operator.cli import snapshot
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import policy
 from tests import hostgen
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "fixtures"

@@ -11,8 +11,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, journal, planner, policy
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, policy
 from agentlat.tuners import blk
+from agentlat.tuners.kernel import cpulist
 from tests import hostgen
 from tests.plugins import hosts
 

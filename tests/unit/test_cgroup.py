@@ -9,8 +9,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from agentlat.operator import context, engine, host, hostfs, journal, plan, planner, policy, workloads
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import cgroup
+from agentlat.tuners.kernel import hostfs
 from tests import workloadgen
 from tests.plugins import hosts
 from tests.workloadgen import AGENT_POD, INDEXER_POD, Proc, Spec, Thread

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from agentlat.operator import context
+from agentlat.operator.core import context
 
 GUARD = 10.0  # seconds; only a guard against hangs, never a timing assumption
 

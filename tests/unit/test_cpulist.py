@@ -4,7 +4,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given
 
-from agentlat.operator import cpulist
+from agentlat.tuners.kernel import cpulist
 
 
 @pytest.mark.parametrize(("text", "cpus"), [

@@ -12,7 +12,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, daemon, journal, policy, ratelimit, uevents
+from agentlat.operator.core import context, journal
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.daemon import ratelimit
+from agentlat.operator.model import policy
+from agentlat.tuners.kernel import uevents
 from tests.plugins import hosts
 
 GUARD = 10.0  # seconds; only a guard against hangs, never a timing assumption
@@ -525,7 +529,8 @@ def test_drift_guard_spends_tokens_refills_and_flags_flapping() -> None:
 
 
 def test_scoped_reads_see_only_the_device_and_its_pci_function(vm: pathlib.Path) -> None:
-    from agentlat.operator import host, scope
+    from agentlat.operator.daemon import scope
+    from agentlat.operator.model import host
 
     loop = host.read(vm, scope.ScopedFS(vm, scope.Scope(blockdevs=frozenset({"loop0"}))))
     assert (set(loop.blockdevs), set(loop.netdevs), loop.irqs, set(loop.pci)) == ({"loop0"}, set(), {}, set())

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, journal, planner, policy
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, policy
+from agentlat.tuners.kernel import cpulist
 from tests.plugins import hosts
 
 BOOT = "00000000-0000-4000-8000-000000000001"

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agentlat.tuners import ethtool
+from agentlat.tuners.kernel import ethtool
 
 NLA_F_NESTED = 0x8000
 FAMILY_ID = 0x15  # whatever the kernel assigned; only echoed in the header

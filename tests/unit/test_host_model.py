@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from agentlat.operator import host
+from agentlat.operator.model import host
 from tests.plugins import hosts
 
 

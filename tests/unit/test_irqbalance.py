@@ -16,8 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, daemon, engine, irqbalance, journal, plan, policy
+from agentlat.operator.core import context, engine, journal
+from agentlat.operator.daemon import node as daemon
+from agentlat.operator.model import plan, policy
 from agentlat.tuners import irqbalance as irqbalance_tuner
+from agentlat.tuners.kernel import cpulist, irqbalance
 from tests import hostgen
 
 GUARD = 10.0
@@ -213,10 +216,10 @@ CPUS = plan.Cpus(frozenset({4, 5, 6, 7}), frozenset({0, 1, 2, 3}))
 
 
 def test_plan_bans_agent_cpus_and_keeps_what_it_banned() -> None:
-    [action] = irqbalance.plan_for("Coordinate", CPUS, [irqbalance.Found(instance(), frozenset({1}))])
+    [action] = irqbalance_tuner.plan_for("Coordinate", CPUS, [irqbalance.Found(instance(), frozenset({1}))])
     assert isinstance(action, plan.Action)
     assert (action.target, action.current, action.desired) == ("irqbalance/7/banned_cpus", "1", "1,4-7")
-    assert irqbalance.plan_for("Coordinate", CPUS, [irqbalance.Found(instance(), frozenset(range(8)))]) == []
+    assert irqbalance_tuner.plan_for("Coordinate", CPUS, [irqbalance.Found(instance(), frozenset(range(8)))]) == []
 
 
 @pytest.mark.parametrize(("version", "setting"), [
@@ -226,13 +229,13 @@ def test_plan_bans_agent_cpus_and_keeps_what_it_banned() -> None:
 ])
 def test_without_a_socket_the_plan_names_the_exact_setting(version: str | None, setting: str) -> None:
     found = irqbalance.Found(instance(version=version, sock=False, auto=frozenset({0})), None)
-    [skip] = irqbalance.plan_for("Coordinate", CPUS, [found])
+    [skip] = irqbalance_tuner.plan_for("Coordinate", CPUS, [found])
     assert isinstance(skip, plan.Skip) and skip.reason.startswith("Unsupported")
     assert f"Add {setting} to its environment" in skip.reason
 
 
 def test_ignore_only_reports() -> None:
-    [skip] = irqbalance.plan_for("Ignore", CPUS, [irqbalance.Found(instance(), frozenset())])
+    [skip] = irqbalance_tuner.plan_for("Ignore", CPUS, [irqbalance.Found(instance(), frozenset())])
     assert isinstance(skip, plan.Skip) and "Ignore" in skip.reason
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import journal
+from agentlat.operator.core import journal
 
 GUARD = 30.0  # seconds; only a guard against hangs, never a timing assumption
 IRQ41 = "proc/irq/41/smp_affinity_list"
@@ -19,7 +19,7 @@ IRQ42 = "proc/irq/42/smp_affinity_list"
 # Run in a separate process: records or takes the lock, says "ready", then waits to be killed.
 CHILD = """
 import pathlib, sys
-from agentlat.operator import journal
+from agentlat.operator.core import journal
 j = journal.Journal.open(pathlib.Path(sys.argv[1]), "boot-a")
 if sys.argv[2] == "record":
     j.record_original("irq", "proc/irq/41/smp_affinity_list", "0-7", "0-1", "agents", 3)

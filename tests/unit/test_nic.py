@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, journal, plan, planner, policy
-from agentlat.tuners import ethtool, nic
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy
+from agentlat.tuners import nic
+from agentlat.tuners.kernel import cpulist, ethtool
 from tests import hostgen
 from tests.plugins import hosts
 

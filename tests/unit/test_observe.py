@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from agentlat.operator import observe
+from agentlat.operator.observe import coarse
 
 INTERRUPTS = """\
            CPU0       CPU1
@@ -40,10 +40,10 @@ def write(root: pathlib.Path, step: int) -> None:
 def test_two_samples_make_rates_shares_and_run_delay(tmp_path: pathlib.Path) -> None:
     clock = iter([100.0, 102.0])
     write(tmp_path, 0)
-    before = observe.sample(tmp_path, [77], clock=lambda: next(clock))
+    before = coarse.sample(tmp_path, [77], clock=lambda: next(clock))
     write(tmp_path, 1)
-    after = observe.sample(tmp_path, [77], clock=lambda: next(clock))
-    seen = observe.observe(before, after, frozenset({1}))
+    after = coarse.sample(tmp_path, [77], clock=lambda: next(clock))
+    seen = coarse.observe(before, after, frozenset({1}))
     assert seen.irqs_per_s == {0: 0.0, 1: pytest.approx((50 + 30) / 2)}, "device IRQs only, not NMI"
     assert seen.softirqs_per_s["NET_RX"][1] == pytest.approx(200.0)
     assert seen.irq_share[1] == pytest.approx(20 / 100)
@@ -53,5 +53,5 @@ def test_two_samples_make_rates_shares_and_run_delay(tmp_path: pathlib.Path) -> 
 
 
 def test_missing_files_give_empty_not_errors(tmp_path: pathlib.Path) -> None:
-    empty = observe.sample(tmp_path, [1, 2])
+    empty = coarse.sample(tmp_path, [1, 2])
     assert empty.irqs == {} and empty.run_delay == {} and empty.psi["cpu.some"] == 0.0

@@ -10,8 +10,10 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from agentlat.operator import cpulist, errors, host, plan, planner, policy
+from agentlat.operator.core import planner
+from agentlat.operator.model import errors, host, plan, policy
 from agentlat.tuners import registry
+from agentlat.tuners.kernel import cpulist
 from tests import hostgen
 from tests.plugins import hosts
 

@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import rps
+from agentlat.tuners.kernel import cpulist, hostfs
 from tests import hostgen
 from tests.plugins import hosts
 

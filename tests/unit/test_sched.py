@@ -12,8 +12,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from agentlat.operator import context, cpulist, engine, host, hostfs, journal, plan, planner, policy, workloads
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import sched
+from agentlat.tuners.kernel import cpulist, hostfs
 from tests import workloadgen
 from tests.plugins import hosts
 from tests.workloadgen import Proc, Spec, Thread

@@ -6,7 +6,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies
 
-from agentlat.operator import stats
+from agentlat.operator.observe import stats
 
 ONE_TO_TEN = [7, 3, 10, 1, 5, 2, 9, 4, 8, 6]  # unsorted on purpose
 ONE_TO_THOUSAND = list(range(1000, 0, -1))

@@ -8,7 +8,9 @@ import pathlib
 
 import pytest
 
-from agentlat.operator import cpulist, host, hostfs, kubelet, planner, policy, workloads
+from agentlat.operator.core import planner
+from agentlat.operator.model import host, kubelet, policy, workloads
+from agentlat.tuners.kernel import cpulist, hostfs
 from tests import hostgen, workloadgen
 from tests.workloadgen import AGENT_POD, INDEXER_POD, Container, Pod, Proc, Spec, Thread
 

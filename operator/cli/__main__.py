@@ -1,0 +1,5 @@
+import sys
+
+from agentlat.operator.cli import main
+
+sys.exit(main.main())

@@ -1,0 +1,240 @@
+"""Apply a plan to a host, journaled; revert it exactly; report drift.
+
+For every action: read the live value, journal it as the original (fsynced) BEFORE writing, write,
+read back. A crash at any point leaves a journal from which ``revert`` restores the host exactly.
+Re-applying the same policy writes nothing; a changed policy keeps the first originals, and targets
+the new plan no longer wants are reverted (callers plan against :func:`original_view`, so "wanted"
+means "differs from the original", not "differs from now").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import pathlib
+from collections.abc import Callable, Iterable
+
+from agentlat.operator.core import context, journal
+from agentlat.operator.model import host, plan, workloads
+from agentlat.tuners import base, registry
+from agentlat.tuners.kernel import hostfs
+
+OK_OUTCOMES = frozenset({"Applied", "Unchanged", "Reverted"})
+WriteHook = Callable[[int], None]
+
+_ERRNO_HINTS = {
+    errno.ENOENT: "vanished (device or IRQ removed mid-pass)",
+    errno.ENODEV: "device is gone",
+    errno.ESRCH: "process is gone",
+    errno.EACCES: "permission denied (run as root)",
+    errno.EPERM: "operation not permitted",
+    errno.EINVAL: "kernel rejected the value",
+    errno.ENOSPC: "no free interrupt vectors on the target CPUs",
+    errno.EBUSY: "device busy",
+    errno.EIO: "kernel refused the write",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    tuner: str
+    target: str
+    outcome: str
+    detail: str = ""
+    errno: int | None = None
+    before: str | None = None
+    after: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome in OK_OUTCOMES
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    results: tuple[Result, ...]
+    writes: int
+    stopped: bool = False
+    killed: bool = False
+    not_run: int = 0
+    stale_dropped: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return not self.stopped and all(result.ok for result in self.results)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for result in self.results if result.outcome == outcome)
+
+
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    tuner: str
+    target: str
+    desired: str
+    current: str | None
+    policy: str
+    gone: bool = False  # the process exited or the device went away: not a fight, just stale
+
+
+def original_view(journal: journal.Journal) -> dict[str, str]:
+    """Journaled originals by target, to plan against the host as it was before any apply."""
+    return {entry.target: entry.original for entry in journal.entries() if entry.original is not None}
+
+
+def original_host(root: pathlib.Path, journal: journal.Journal,
+                  selection: workloads.Selection | None = None) -> host.Host:
+    """The host model with every journaled original standing in for its live value: what to plan an
+    apply against, so "wanted" means "differs from the original", not "differs from now"."""
+    return host.read(root, hostfs.HostFS(root, overrides=original_view(journal)), selection=selection)
+
+
+def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
+          policy: str, generation: int, after_write: WriteHook | None = None) -> Report:
+    """Release what the plan no longer wants first (a released io scheduler resets nr_requests, which a
+    later action may set again), then apply the plan in order."""
+    stale = journal.drop_stale_boots()
+    wanted = {(action.tuner, action.target) for action in the_plan.actions}
+    leftovers = {(e.tuner, e.target) for e in journal.entries() if (e.tuner, e.target) not in wanted}
+    release = revert(ctx, journal, root, only=leftovers, drop_stale=False)
+    results = list(release.results)
+    writes = release.writes
+    children: dict[str, context.Context] = {}
+    actions = list(the_plan.actions)
+    for index, action in enumerate(actions):
+        child = children.setdefault(action.tuner, ctx.child(action.tuner))
+        if child.is_stopped():
+            return Report(tuple(results), writes, True, child.is_killed(), len(actions) - index, stale)
+        try:
+            result, wrote = _apply_one(action, child, journal, root, policy, generation)
+        except context.Killed:
+            return Report(tuple(results), writes, True, True, len(actions) - index, stale)
+        results.append(result)
+        if wrote:
+            writes += 1
+            if after_write is not None:
+                after_write(writes)
+    journal.set_meta("policy", policy)
+    journal.set_meta("generation", str(generation))
+    return Report(tuple(results), writes, ctx.is_stopped(), ctx.is_killed(), 0, stale)
+
+
+def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
+               policy: str, generation: int) -> tuple[Result, bool]:
+    tuner = registry.by_name(action.tuner)
+    try:
+        ctx.checkpoint()
+        original = tuner.read(root, action.target)
+    except context.Killed:
+        raise
+    except (OSError, base.Unsupported) as exc:
+        return _failure(action.tuner, action.target, exc, None), False
+    journal.record_original(action.tuner, action.target, original, action.desired, policy, generation)
+    if tuner.same(action.target, original, action.desired):
+        return _record(journal, Result(action.tuner, action.target, "Unchanged", "", None, original, original)), False
+    try:
+        ctx.checkpoint()
+        tuner.write(root, action.target, action.desired)
+    except context.Killed:
+        raise
+    except (OSError, base.Unsupported) as exc:
+        return _record(journal, _failure(action.tuner, action.target, exc, original)), False
+    return _record(journal, _verified(tuner, root, action.target, action.desired, original, "Applied")), True
+
+
+def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
+           only: Iterable[tuple[str, str]] | None = None, drop_stale: bool = True) -> Report:
+    """Write journaled originals back, newest first; forget each target once it holds its original."""
+    stale = journal.drop_stale_boots() if drop_stale else 0
+    selected = set(only) if only is not None else None
+    entries = [e for e in reversed(journal.entries()) if selected is None or (e.tuner, e.target) in selected]
+    results: list[Result] = []
+    writes = 0
+    for index, entry in enumerate(entries):
+        if ctx.is_stopped():
+            return Report(tuple(results), writes, True, ctx.is_killed(), len(entries) - index, stale)
+        result, wrote = _revert_one(entry, ctx, journal, root)
+        results.append(result)
+        writes += wrote
+    if selected is None:
+        for key in ("policy", "generation"):
+            journal.set_meta(key, "")
+    return Report(tuple(results), writes, False, False, 0, stale)
+
+
+def _revert_one(entry: journal.Entry, ctx: context.Context, journal: journal.Journal,
+                root: pathlib.Path) -> tuple[Result, bool]:
+    tuner = registry.by_name(entry.tuner)
+    if entry.original is None:
+        journal.forget(entry.tuner, entry.target)
+        return Result(entry.tuner, entry.target, "Reverted", "had no original value; left as is"), False
+    try:
+        ctx.checkpoint()
+        current = tuner.read(root, entry.target)
+        if tuner.same(entry.target, current, entry.original):
+            journal.forget(entry.tuner, entry.target)
+            return Result(entry.tuner, entry.target, "Reverted", "already original", None, current, current), False
+        tuner.write(root, entry.target, entry.original)
+    except context.Killed:
+        raise
+    except (OSError, base.Unsupported) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH):
+            journal.forget(entry.tuner, entry.target)
+            return Result(entry.tuner, entry.target, "Reverted", "target is gone; nothing to restore"), False
+        return _failure(entry.tuner, entry.target, exc, entry.original), False
+    result = _verified(tuner, root, entry.target, entry.original, current, "Reverted")
+    if result.outcome == "Reverted":
+        journal.forget(entry.tuner, entry.target)
+    return result, True
+
+
+def drift(journal: journal.Journal, root: pathlib.Path) -> list[Drift]:
+    """Journaled targets whose live value is no longer what was applied (someone else changed it)."""
+    found = []
+    for entry in journal.entries():
+        tuner = registry.by_name(entry.tuner)
+        try:
+            current: str | None = tuner.read(root, entry.target)
+        except OSError as exc:
+            current = None
+            if exc.errno in (errno.ENOENT, errno.ENODEV, errno.ESRCH):
+                found.append(Drift(entry.tuner, entry.target, entry.desired, None, entry.policy, gone=True))
+                continue
+        except base.Unsupported:
+            current = None
+        if entry.outcome in ("Applied", "Unchanged", "Contested") and (
+                current is None or not tuner.same(entry.target, current, entry.desired)):
+            found.append(Drift(entry.tuner, entry.target, entry.desired, current, entry.policy))
+    return found
+
+
+def _verified(tuner: base.Tuner, root: pathlib.Path, target: str, desired: str, before: str | None,
+              outcome: str) -> Result:
+    try:
+        instead = tuner.verify(root, target, desired)
+    except (OSError, base.Unsupported) as exc:
+        return _failure(tuner.name, target, exc, before)
+    if instead is not None:
+        return Result(tuner.name, target, "Contested", f"read back {instead!r}, wanted {desired!r}", None, before,
+                      instead)
+    try:
+        note = tuner.detail(root, target, desired)
+    except (OSError, base.Unsupported):
+        note = ""
+    return Result(tuner.name, target, outcome, note, None, before, desired)
+
+
+def _failure(tuner: str, target: str, exc: OSError | base.Unsupported, before: str | None) -> Result:
+    if isinstance(exc, base.Unsupported):
+        return Result(tuner, target, "Unsupported", str(exc), None, before)
+    code = exc.errno
+    if code in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return Result(tuner, target, "Unsupported", "not supported by this kernel or driver (EOPNOTSUPP)", code, before)
+    name = errno.errorcode.get(code or 0, "E?")
+    hint = _ERRNO_HINTS.get(code or 0, exc.strerror or str(exc))
+    return Result(tuner, target, "Failed", f"{name}: {hint}", code, before)
+
+
+def _record(log: journal.Journal, result: Result) -> Result:
+    log.record_outcome(result.tuner, result.target, result.outcome, result.detail)
+    return result

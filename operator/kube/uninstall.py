@@ -1,0 +1,129 @@
+"""``agentlat uninstall-wait``: delete every AgentLatencyPolicy, then wait until every node has reverted.
+
+Helm runs it as a pre-delete hook, while the controller and the agents are still running: with no policy
+left the controller deletes every profile, each node's agent reverts its host and reports ``Reverted``, and
+the controller then releases the profile's finalizer. A profile counts as done once it is gone, or deleting
+with ``Reverted=True`` (the finalizer may lag a moment). Exit 0 when every node is done, 1 at the timeout,
+naming the nodes that are not (their agent is down, or reverting failed: see the profile's conditions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import kubernetes.client
+
+from agentlat.operator.kube import client as _kube
+from agentlat.operator.kube import profiles
+
+EXIT_OK = 0
+EXIT_TIMEOUT = 1
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sub = commands.add_parser(
+        "uninstall-wait", help="delete all policies and wait until every node has reverted",
+        description="Delete every AgentLatencyPolicy, then poll the AgentLatencyNodeProfiles until none is "
+                    "left (each node's agent reverted its host). Exit 0 when done, 1 after --timeout with the "
+                    "nodes that did not revert.")
+    sub.add_argument("--timeout", type=float, default=240.0, metavar="S", help="give up after S seconds (240)")
+    sub.add_argument("--interval", type=float, default=2.0, metavar="S", help="poll every S seconds (2)")
+    sub.add_argument("--kubeconfig", default=None, metavar="FILE",
+                     help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
+    sub.set_defaults(handler=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    with _kube.api_client(args.kubeconfig) as api:
+        return wait(api, args.timeout, args.interval)
+
+
+def wait(api: kubernetes.client.ApiClient, timeout: float, interval: float = 2.0, *,
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+         out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    custom = kubernetes.client.CustomObjectsApi(api)
+    deadline = clock() + timeout
+    deleted: set[str] = set()
+    nodes: set[str] = set()
+    pending: dict[str, str] = {}
+    problem = ""
+    while True:
+        try:
+            for item in _list(custom, profiles.POLICY_PLURAL):
+                name = item["metadata"]["name"]
+                if not profiles.deleting(item):
+                    _delete_policy(custom, name)
+                    if name not in deleted:
+                        print(f"deleted AgentLatencyPolicy {name}", file=out, flush=True)
+                        deleted.add(name)
+            listed = _list(custom, profiles.PLURAL)
+            nodes |= {item["metadata"]["name"] for item in listed}
+            pending = {item["metadata"]["name"]: _why(item) for item in listed
+                       if not (profiles.deleting(item) and profiles.is_true(item, "Reverted"))}
+            problem = ""
+        except kubernetes.client.ApiException as exc:
+            if exc.status in (401, 403):  # wrong credentials or RBAC: waiting will not help
+                print(f"agentlat: uninstall-wait: {exc.status} {exc.reason}: {_message(exc)}", file=err, flush=True)
+                return EXIT_TIMEOUT
+            problem = f"API error {exc.status} {exc.reason}"
+        except OSError as exc:  # urllib3 connection errors are OSErrors too
+            problem = f"API unreachable: {exc}"
+        if not problem and not pending:
+            print(f"all {len(nodes)} node(s) reverted", file=out, flush=True)
+            return EXIT_OK
+        remaining = deadline - clock()
+        if remaining <= 0:
+            parts = [f"agentlat: uninstall-wait: timed out after {timeout:g}s"]
+            if pending:
+                parts.append(f"{len(pending)} node(s) did not revert: "
+                             + ", ".join(f"{node} ({why})" for node, why in sorted(pending.items())))
+            if problem:
+                parts.append(f"last poll failed: {problem}")
+            print(": ".join(parts), file=err, flush=True)
+            return EXIT_TIMEOUT
+        sleep(min(interval, remaining))
+
+
+def _list(custom: kubernetes.client.CustomObjectsApi, plural: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    token: str | None = None
+    while True:
+        page = custom.list_cluster_custom_object(profiles.GROUP, profiles.VERSION, plural, limit=500,
+                                                 _continue=token)
+        assert isinstance(page, dict)
+        items += page.get("items") or []
+        token = (page.get("metadata") or {}).get("continue")
+        if not token:
+            return items
+
+
+def _delete_policy(custom: kubernetes.client.CustomObjectsApi, name: str) -> None:
+    try:
+        custom.delete_cluster_custom_object(profiles.GROUP, profiles.VERSION, profiles.POLICY_PLURAL, name)
+    except kubernetes.client.ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+def _why(profile: dict[str, Any]) -> str:
+    if not profiles.deleting(profile):
+        return "profile not deleted yet: is the controller running?"
+    reverted = profiles.condition(profile, "Reverted")
+    if reverted is None:
+        return "no Reverted condition: is its agent running?"
+    detail = reverted.get("message") or ""
+    return f"Reverted={reverted.get('status')}: {reverted.get('reason') or ''}" + (f": {detail}" if detail else "")
+
+
+def _message(exc: kubernetes.client.ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)

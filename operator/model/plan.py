@@ -1,0 +1,47 @@
+"""What the planner produces: ordered actions to take and the things it deliberately skips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from agentlat.tuners.kernel import cpulist
+
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    """Set ``target`` (a tuner-specific key; for file tuners the path under the root) to ``desired``."""
+
+    tuner: str
+    target: str
+    current: str | None
+    desired: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    """Something the policy asks for that this host cannot do, or that the policy excludes."""
+
+    tuner: str
+    target: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Cpus:
+    """The policy's CPU split resolved on one host; ``housekeeping`` holds online CPUs only."""
+
+    agent: cpulist.CpuSet
+    housekeeping: cpulist.CpuSet
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    policy: str
+    cpus: Cpus
+    actions: tuple[Action, ...]
+    skips: tuple[Skip, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions

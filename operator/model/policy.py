@@ -1,0 +1,311 @@
+"""The AgentLatencyPolicy model: load, validate against the CRD, merge by priority.
+
+Field names follow the v1alpha1 contract in DESIGN.md; the schema lives in crds/agentlatencypolicy.yaml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import yaml
+
+from agentlat.operator.model import errors, schema
+from agentlat.tuners.kernel import cpulist
+
+API_VERSION = "agentlat.io/v1alpha1"
+KIND = "AgentLatencyPolicy"
+CRD_FILE = "agentlatencypolicy.yaml"
+
+LatencyClass = Literal["normal", "agent-interactive", "background"]
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class CgroupBudget:
+    cpu_weight: int | None = None
+    cpu_idle: bool | None = None
+    cpu_max_micros: int | None = None
+    cpu_max_period_micros: int | None = None
+    cpu_max_burst_micros: int | None = None
+    io_weight: int | None = None
+    io_latency_target_micros: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSelector:
+    comm: str | None = None
+    cmdline: str | None = None
+    cgroup: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PodSelector:
+    namespaces: tuple[str, ...] = ()
+    match_labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    latency_class: LatencyClass = "normal"
+    pod_selector: PodSelector | None = None
+    process_selector: ProcessSelector | None = None
+    nice: int | None = None
+    sched_policy: str | None = None
+    rt_priority: int | None = None
+    slice_micros: int | None = None
+    timer_slack_nanos: int | None = None
+    pin_to_agent_cpus: bool | None = None
+    cgroup: CgroupBudget | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class IrqPolicy:
+    move_off_agent_cpus: bool = True
+    set_default_affinity: bool = True
+    exclude: tuple[str, ...] = ()
+    rps: bool = True
+    irqbalance: Literal["Coordinate", "Ignore"] = "Coordinate"
+
+
+@dataclasses.dataclass(frozen=True)
+class NicRule:
+    name: str | None
+    driver: str | None
+    coalesce: Mapping[str, int | bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockRule:
+    name: str
+    nr_requests: int | None = None
+    scheduler: str | None = None
+    wbt_lat_micros: int | None = None
+    kyber_read_lat_nanos: int | None = None
+    kyber_write_lat_nanos: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """One validated policy (or several merged by priority, see :func:`merge`)."""
+
+    name: str
+    generation: int = 1
+    priority: int = 100
+    mode: Literal["Enforce", "DryRun"] = "Enforce"
+    node_selector: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    agent_cpus: cpulist.CpuSet | Literal["auto"] | None = None
+    housekeeping_cpus: cpulist.CpuSet | None = None
+    workloads: tuple[Workload, ...] = ()
+    irq: IrqPolicy = IrqPolicy()
+    nic: tuple[NicRule, ...] = ()
+    block: tuple[BlockRule, ...] = ()
+    step_p99_micros: int | None = None
+    sources: tuple[str, ...] = ()
+
+
+@functools.cache
+def validator() -> schema.Validator:
+    return schema.Validator(schema.openapi_schema(CRD_FILE, "v1alpha1"))
+
+
+def load_file(path: pathlib.Path) -> list[Policy]:
+    """Every policy in a YAML file (several documents allowed); raises InputError on any problem."""
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise errors.single(source, "", f"cannot read: {exc.strerror}") from None
+    return load_text(text, source)
+
+
+def load_text(text: str, source: str = "<policy>") -> list[Policy]:
+    try:
+        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise errors.single(source, "", f"not valid YAML: {_yaml_reason(exc)}") from None
+    if not documents:
+        raise errors.single(source, "", "no policy document in the file")
+    problems: list[errors.Problem] = []
+    policies: list[Policy] = []
+    for index, document in enumerate(documents):
+        prefix = f"document {index + 1}: " if len(documents) > 1 else ""
+        found, policy = _load_document(document)
+        problems += [errors.Problem(p.path, prefix + p.message) for p in found]
+        if policy is not None:
+            policies.append(policy)
+    names = [policy.name for policy in policies]
+    problems += [errors.Problem("metadata.name", f"{name!r} appears twice") for name in _repeated(names)]
+    if problems:
+        raise errors.InputError(source, problems)
+    return policies
+
+
+def from_object(document: Mapping[str, Any], source: str = "<object>") -> Policy:
+    """A policy from an API object (a CR the API server already validated, or a node profile spec)."""
+    found, policy = _load_document(dict(document))
+    if found or policy is None:
+        raise errors.InputError(source, found)
+    return policy
+
+
+def _load_document(document: Any) -> tuple[list[errors.Problem], Policy | None]:
+    if not isinstance(document, dict):
+        kind = type(document).__name__
+        return [errors.Problem("", f"expected a mapping with apiVersion/kind/metadata/spec, got {kind}")], None
+    problems = _envelope_problems(document)
+    body = {key: value for key, value in document.items() if key in ("spec", "status")}
+    problems += validator().problems(body)
+    if problems:
+        return problems, None
+    spec = validator().default(body)["spec"]
+    metadata = document["metadata"]
+    problems = _semantic_problems(spec)
+    if problems:
+        return problems, None
+    return [], _build(metadata, spec)
+
+
+def _envelope_problems(document: dict[str, Any]) -> list[errors.Problem]:
+    problems = []
+    if document.get("apiVersion") != API_VERSION:
+        problems.append(errors.Problem("apiVersion", f"{document.get('apiVersion')!r} is not {API_VERSION}"))
+    if document.get("kind") != KIND:
+        problems.append(errors.Problem("kind", f"{document.get('kind')!r} is not {KIND}"))
+    metadata = document.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 253:
+        problems.append(errors.Problem("metadata.name", f"{name!r} is not a DNS subdomain name"))
+    unknown = sorted(set(document) - {"apiVersion", "kind", "metadata", "spec", "status"})
+    problems += [errors.Problem(field, "unknown field") for field in unknown]
+    return problems
+
+
+def _semantic_problems(spec: dict[str, Any]) -> list[errors.Problem]:
+    problems: list[errors.Problem] = []
+    agent = _cpus_field(spec, "agentCpus", problems)
+    housekeeping = _cpus_field(spec, "housekeepingCpus", problems)
+    if "housekeepingCpus" in spec and housekeeping == frozenset():
+        problems.append(errors.Problem("spec.housekeepingCpus", "the housekeeping set is empty"))
+    if isinstance(agent, frozenset) and isinstance(housekeeping, frozenset) and agent & housekeeping:
+        overlap = cpulist.format(agent & housekeeping)
+        problems.append(errors.Problem("spec.housekeepingCpus", f"overlaps agentCpus on CPUs {overlap}"))
+    for index, workload in enumerate(spec.get("workloads", ())):
+        for field in ("comm", "cmdline"):
+            pattern = workload.get("processSelector", {}).get(field)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    where = f"spec.workloads[{index}].processSelector.{field}"
+                    problems.append(errors.Problem(where, f"{pattern!r} is not a valid regex: {exc}"))
+    return problems
+
+
+def _cpus_field(spec: dict[str, Any], field: str, problems: list[errors.Problem]) -> cpulist.CpuSet | str | None:
+    value = spec.get(field)
+    if value is None or value == "auto":
+        return value
+    try:
+        return cpulist.parse(str(value))
+    except cpulist.CpuListError as exc:
+        problems.append(errors.Problem(f"spec.{field}", str(exc)))
+        return None
+
+
+def _build(metadata: dict[str, Any], spec: dict[str, Any]) -> Policy:
+    agent = spec.get("agentCpus")
+    housekeeping = spec.get("housekeepingCpus")
+    irq = spec["irq"]
+    budget = spec.get("latencyBudget", {})
+    return Policy(
+        name=metadata["name"],
+        generation=int(metadata.get("generation", 1)),
+        priority=spec["priority"],
+        mode=spec["mode"],
+        node_selector=spec.get("nodeSelector", {}),
+        agent_cpus="auto" if agent == "auto" else (cpulist.parse(str(agent)) if agent is not None else None),
+        housekeeping_cpus=cpulist.parse(str(housekeeping)) if housekeeping is not None else None,
+        workloads=tuple(_workload(item) for item in spec.get("workloads", ())),
+        irq=IrqPolicy(irq["moveOffAgentCpus"], irq["setDefaultAffinity"], tuple(irq.get("exclude", ())),
+                      irq["rps"], irq["irqbalance"]),
+        nic=tuple(NicRule(rule["match"].get("name"), rule["match"].get("driver"), dict(rule.get("coalesce", {})))
+                  for rule in spec.get("nic", ())),
+        block=tuple(_block(rule) for rule in spec.get("block", ())),
+        step_p99_micros=budget.get("stepP99Micros"),
+        sources=(f"{metadata['name']}@{metadata.get('generation', 1)}",),
+    )
+
+
+def _workload(item: dict[str, Any]) -> Workload:
+    process = item.get("processSelector")
+    pods = item.get("podSelector")
+    group = item.get("cgroup")
+    return Workload(
+        name=item["name"],
+        latency_class=item["latencyClass"],
+        pod_selector=PodSelector(tuple(pods.get("namespaces", ())), dict(pods.get("matchLabels", {})))
+        if pods is not None else None,
+        process_selector=ProcessSelector(process.get("comm"), process.get("cmdline"), process.get("cgroup"))
+        if process is not None else None,
+        nice=item.get("nice"),
+        sched_policy=item.get("schedPolicy"),
+        rt_priority=item.get("rtPriority"),
+        slice_micros=item.get("sliceMicros"),
+        timer_slack_nanos=item.get("timerSlackNanos"),
+        pin_to_agent_cpus=item.get("pinToAgentCpus"),
+        cgroup=CgroupBudget(group.get("cpuWeight"), group.get("cpuIdle"), group.get("cpuMaxMicros"),
+                            group.get("cpuMaxPeriodMicros"), group.get("cpuMaxBurstMicros"),
+                            group.get("ioWeight"), group.get("ioLatencyTargetMicros"))
+        if group is not None else None,
+    )
+
+
+def _block(rule: dict[str, Any]) -> BlockRule:
+    kyber = rule.get("kyber", {})
+    return BlockRule(rule["match"]["name"], rule.get("nrRequests"), rule.get("scheduler"),
+                     rule.get("wbtLatMicros"), kyber.get("readLatNanos"), kyber.get("writeLatNanos"))
+
+
+def merge(policies: Iterable[Policy]) -> Policy:
+    """One effective policy: the highest priority wins each top-level field it sets; workloads merge
+    by name and device rules concatenate, higher priority first (first match wins in the tuners).
+    Ties break by name so the result never depends on input order."""
+    ordered = sorted(policies, key=lambda policy: (-policy.priority, policy.name))
+    if not ordered:
+        raise ValueError("merge() needs at least one policy")
+    top = ordered[0]
+    workloads: dict[str, Workload] = {}
+    for policy in ordered:
+        for workload in policy.workloads:
+            workloads.setdefault(workload.name, workload)
+    return dataclasses.replace(
+        top,
+        name="+".join(policy.name for policy in ordered),
+        agent_cpus=_first(policy.agent_cpus for policy in ordered),
+        housekeeping_cpus=_first(policy.housekeeping_cpus for policy in ordered),
+        workloads=tuple(workloads.values()),
+        nic=tuple(rule for policy in ordered for rule in policy.nic),
+        block=tuple(rule for policy in ordered for rule in policy.block),
+        step_p99_micros=_first(policy.step_p99_micros for policy in ordered),
+        sources=tuple(source for policy in ordered for source in policy.sources),
+    )
+
+
+def _first(values: Iterable[Any]) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def _repeated(names: list[str]) -> list[str]:
+    return sorted({name for name in names if names.count(name) > 1})
+
+
+def _yaml_reason(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
