@@ -58,14 +58,12 @@ class CgroupTuner(base.FileTuner):
     name = NAME
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
-        if host.discovery is None:
-            return
         owners: dict[str, str] = {}
         for workload in policy.workloads:
             budget = workload.cgroup
             if budget is None or not _asks(budget):
                 continue
-            found = host.discovery.find(workload, workloads.pods_for(host.selection, workload))
+            found = host.found[workload.name]
             if found.note is not None:
                 continue  # the sched tuner reports why nothing matched, once per workload
             by_location: dict[tuple[str, ...], list[workloads.Process]] = {}
@@ -294,14 +292,8 @@ def _latency(target_us: int, groups: Sequence[workloads.Cgroup], said: str,
 
 def _disks(host: host.Host) -> dict[str, str]:
     """Physical disks of the host model (a driver behind them: no loop, zram or dm) -> MAJ:MIN."""
-    if host.discovery is None:
-        return {}
-    numbers = {}
-    for name, device in sorted(host.blockdevs.items()):
-        number = host.discovery.device_number(name) if device.driver is not None else None
-        if number is not None:
-            numbers[name] = number
-    return numbers
+    return {name: device.dev for name, device in sorted(host.blockdevs.items())
+            if device.driver is not None and device.dev is not None}
 
 
 def _default_line(text: str) -> str:

@@ -58,15 +58,13 @@ class SchedTuner:
     name = NAME
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
-        if host.discovery is None:
-            return
         claimed: dict[tuple[int, int], str] = {}
         for workload in policy.workloads:
             wants, skips = wants_of(workload, cpus, host.kernel)
             yield from skips
             if wants.empty and not _budgeted(workload):
                 continue
-            found = host.discovery.find(workload, workloads.pods_for(host.selection, workload))
+            found = host.found[workload.name]
             if found.note is not None:  # reported here once for the cgroup tuner too
                 yield plan.Skip(NAME, f"workload/{workload.name}", f"workload {workload.name}: {found.note}")
                 continue
@@ -78,7 +76,7 @@ class SchedTuner:
                     yield plan.Skip(NAME, f"process/{process.pid}@{process.start}",
                                     f"workload {workload.name}: {process.label} is already tuned by workload {owner}")
                     continue
-                yield from _plan_process(workload.name, wants, process, host.discovery)
+                yield from _plan_process(workload.name, wants, process, host.rt_runtime_us)
 
     def read(self, root: pathlib.Path, target: str) -> str:
         pid, tid, start, attr = workloads.parse_key(target)
@@ -210,9 +208,9 @@ def _kernel_version(kernel: str | None) -> tuple[int, int] | None:
 
 
 def _plan_process(workload: str, wants: Wants, process: workloads.Process,
-                  discovery: workloads.Discovery) -> Iterator[plan.Action | plan.Skip]:
+                  rt_runtime_us: int | None) -> Iterator[plan.Action | plan.Skip]:
     where = f"process/{process.pid}@{process.start}"
-    blocked = _rt_blocked(process, discovery) if wants.policy in workloads.RT_POLICIES else None
+    blocked = _rt_blocked(process, rt_runtime_us) if wants.policy in workloads.RT_POLICIES else None
     if blocked is not None:
         yield plan.Skip(NAME, f"{where}/policy", f"workload {workload}: {process.label}: schedPolicy "
                                                  f"{wants.policy} would fail with EPERM: {blocked}")
@@ -274,10 +272,9 @@ def _plan_process(workload: str, wants: Wants, process: workloads.Process,
                                                   + "; ".join(sorted(left_alone)))
 
 
-def _rt_blocked(process: workloads.Process, discovery: workloads.Discovery) -> str | None:
+def _rt_blocked(process: workloads.Process, rt_runtime_us: int | None) -> str | None:
     """Why SCHED_FIFO/RR would be refused for this process, if the host says so up front."""
-    runtime = discovery.rt_runtime_us()
-    if runtime == 0:
+    if rt_runtime_us == 0:
         return "kernel.sched_rt_runtime_us is 0 (RT tasks get no CPU time)"
     for group in process.cgroups:
         if group.files.get("cpu.rt_runtime_us", "").strip() == "0" and not group.is_root:

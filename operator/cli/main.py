@@ -165,7 +165,7 @@ def load_policy(path: pathlib.Path) -> policy.Policy:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     effective = load_policy(args.policy)
-    result = planner.make_plan(effective, host.read(args.root), str(args.policy))
+    result = planner.make_plan(effective, host.read(args.root, wanted=effective.workloads), str(args.policy))
     if args.output == "table":
         sys.stdout.write(render.plan_table(result))
     else:
@@ -176,7 +176,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     effective = load_policy(args.policy)
     with _journal(args) as log, log.lock():
-        result = planner.make_plan(effective, engine.original_host(args.root, log), str(args.policy))
+        result = planner.make_plan(effective, engine.original_host(args.root, log, wanted=effective.workloads),
+                                   str(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"
                              else render.dump(render.plan_document(result), args.output))

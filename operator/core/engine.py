@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Callable, Iterable
 
 from agentlat.operator.core import context, journal
-from agentlat.operator.model import host, plan, workloads
+from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, registry
 from agentlat.tuners.kernel import hostfs
 
@@ -82,11 +82,11 @@ def original_view(journal: journal.Journal) -> dict[str, str]:
     return {entry.target: entry.original for entry in journal.entries() if entry.original is not None}
 
 
-def original_host(root: pathlib.Path, journal: journal.Journal,
-                  selection: workloads.Selection | None = None) -> host.Host:
+def original_host(root: pathlib.Path, journal: journal.Journal, selection: workloads.Selection | None = None,
+                  wanted: Iterable[policy.Workload] = ()) -> host.Host:
     """The host model with every journaled original standing in for its live value: what to plan an
     apply against, so "wanted" means "differs from the original", not "differs from now"."""
-    return host.read(root, hostfs.HostFS(root, overrides=original_view(journal)), selection=selection)
+    return host.read(root, hostfs.HostFS(root, overrides=original_view(journal)), selection=selection, wanted=wanted)
 
 
 def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,

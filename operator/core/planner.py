@@ -8,6 +8,10 @@ from agentlat.tuners.kernel import cpulist
 
 
 def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.Plan:
+    unread = [workload.name for workload in policy.workloads if workload.name not in host.found]
+    if unread:
+        raise ValueError(f"the host was read without discovering workloads {', '.join(unread)}: "
+                         "read it with host.read(..., wanted=policy.workloads)")
     cpus, notes = resolve_cpus(policy, host, source)
     actions: list[plan.Action] = []
     skips: list[plan.Skip] = list(notes)

@@ -509,7 +509,7 @@ class NodeDaemon:
             return
         self._irq_known = self._irq_numbers()
         try:
-            model = engine.original_host(self.root, log, self._selection)
+            model = engine.original_host(self.root, log, self._selection, effective.workloads)
             the_plan = planner.make_plan(effective, model, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("cannot plan generation %s: %s", generation, exc)
@@ -604,7 +604,7 @@ class NodeDaemon:
                       generation: int | None, the_scope: scope.Scope, kind: str) -> None:
         fs = scope.ScopedFS(self.root, the_scope, overrides=engine.original_view(log))
         try:
-            model = host.read(self.root, fs, selection=self._selection)
+            model = host.read(self.root, fs, selection=self._selection, wanted=effective.workloads)
             the_plan = planner.make_plan(effective, model, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("%s: cannot plan: %s", job.key, exc)

@@ -10,7 +10,7 @@ import pathlib
 import re
 from collections.abc import Iterable, Mapping
 
-from agentlat.operator.model import kubelet, workloads
+from agentlat.operator.model import kubelet, policy, workloads
 from agentlat.tuners.kernel import cpulist, ethtool, hostfs
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -82,6 +82,7 @@ class BlockDev:
     queue_depth: int | None = None  # hw tag depth (mq/0/nr_tags): nr_requests' ceiling with scheduler none
     kyber_read_lat_nsec: int | None = None  # queue/iosched/*, present only while kyber is the scheduler
     kyber_write_lat_nsec: int | None = None
+    dev: str | None = None  # MAJ:MIN, what io.latency and io.weight name a disk by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +99,11 @@ class Host:
     netdevs: Mapping[str, NetDev]
     blockdevs: Mapping[str, BlockDev]
     kubelet_cpus: Mapping[str, Mapping[str, cpulist.CpuSet]] | None = None
-    # Workload discovery (processes, threads, cgroups), read lazily for the workloads the planner asks
-    # about; see operator/workloads.py. ``selection`` carries the node agent's pod UIDs per workload.
+    # The processes, threads and cgroups of each workload asked for at read time (by workload name), so
+    # planning reads nothing; ``selection`` carries the node agent's pod UIDs per workload.
     selection: workloads.Selection | None = None
-    discovery: workloads.Discovery | None = dataclasses.field(default=None, compare=False, repr=False)
+    found: Mapping[str, workloads.Found] = dataclasses.field(default_factory=dict)
+    rt_runtime_us: int | None = None  # kernel.sched_rt_runtime_us: -1 no RT throttling, 0 RT tasks never run
 
     @property
     def offline(self) -> cpulist.CpuSet:
@@ -116,7 +118,9 @@ class HostError(Exception):
 
 
 def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
-         selection: workloads.Selection | None = None) -> Host:
+         selection: workloads.Selection | None = None, wanted: Iterable[policy.Workload] = ()) -> Host:
+    """Everything planning needs, read now: devices, IRQs, CPUs, and the processes of the ``wanted``
+    workloads (a policy's ``workloads``)."""
     fs = fs or hostfs.HostFS(root)
     interrupts = fs.read("proc/interrupts")
     online_text = fs.read("sys/devices/system/cpu/online")
@@ -143,8 +147,16 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
         blockdevs=blockdevs,
         kubelet_cpus=kubelet.exclusive_cpus(fs),
         selection=selection,
-        discovery=workloads.Discovery(fs),
+        found=_discover(fs, selection, wanted),
+        rt_runtime_us=fs.read_int("proc/sys/kernel/sched_rt_runtime_us"),
     )
+
+
+def _discover(fs: hostfs.HostFS, selection: workloads.Selection | None,
+              wanted: Iterable[policy.Workload]) -> dict[str, workloads.Found]:
+    discovery = workloads.Discovery(fs)
+    return {workload.name: discovery.find(workload, workloads.pods_for(selection, workload)) for workload in wanted}
+
 
 
 def _read_numa(fs: hostfs.HostFS, online: cpulist.CpuSet) -> dict[int, cpulist.CpuSet]:
@@ -270,8 +282,14 @@ def _read_blockdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str
             queue_depth=fs.read_int(f"{base}/mq/0/nr_tags"),
             kyber_read_lat_nsec=fs.read_int(f"{base}/queue/iosched/read_lat_nsec") if current == "kyber" else None,
             kyber_write_lat_nsec=fs.read_int(f"{base}/queue/iosched/write_lat_nsec") if current == "kyber" else None,
+            dev=_device_number(fs, f"{base}/dev"),
         )
     return blockdevs
+
+
+def _device_number(fs: hostfs.HostFS, rel: str) -> str | None:
+    text = (fs.read(rel) or "").strip()
+    return text if re.fullmatch(r"\d+:\d+", text) else None
 
 
 def _block_driver(fs: hostfs.HostFS, base: str) -> str | None:

@@ -9,7 +9,7 @@ Two ways to name a workload's processes (all criteria given must match):
 - cluster (the node agent): ``podSelector`` is resolved against the API server by the agent, which knows
   the pods on its node. It hands the result to the host model as a :class:`Selection` — pod UIDs per
   workload name (``agent.selection`` builds it from the pods it watches) — with
-  ``host.read(root, fs, selection=...)`` or ``dataclasses.replace(model, selection=...)``. Each pod UID
+  ``host.read(root, fs, selection=..., wanted=policy.workloads)``. Each pod UID
   maps to its cgroup directory for the systemd driver
   (``kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice``) and the
   cgroupfs driver (``kubepods/burstable/pod<uid>``), guaranteed pods one level up, on cgroup v2 and under
@@ -19,11 +19,11 @@ Two ways to name a workload's processes (all criteria given must match):
   processes. ``agentCpus: auto`` then counts only the exclusive CPUs (kubelet's ``cpu_manager_state``,
   the same file under containerd and CRI-O) of agent-interactive pods (:func:`agent_pods`).
 
-Reading is lazy and memoized per host model (:class:`Discovery`): which ``/proc/PID`` entries to read
-depends on the policy, and a node has thousands of processes, so only candidates are read — in cluster
-mode only the PIDs in the selected pods' cgroups, in node-local mode ``/proc/PID/stat`` for every
-process and the rest only while the earlier criteria still match. The planner stays free of writes and
-deterministic for one host model. Journaled originals (``HostFS.overrides``, keyed by target) stand in
+Discovery runs when the host is read, for the workloads asked for (:class:`Discovery`, called by
+``host.read``), so planning reads nothing. Which ``/proc/PID`` entries to read depends on the policy, and
+a node has thousands of processes, so only candidates are read — in cluster mode only the PIDs in the
+selected pods' cgroups, in node-local mode ``/proc/PID/stat`` for every process and the rest only while
+the earlier criteria still match. Journaled originals (``HostFS.overrides``, keyed by target) stand in
 for live values, so a re-apply plans against the host as it was before the first apply.
 
 Per-thread scheduler attributes go through a :class:`Backend`. The real one (syscalls by TID) is used
@@ -592,15 +592,6 @@ class Discovery:
         self._cgroups: dict[str, Cgroup | None] = {}
         self._hierarchies: list[Hierarchy] | None = None
         self._processes: dict[tuple[int, str | None], Process | None] = {}
-
-    # host-wide facts
-    def rt_runtime_us(self) -> int | None:
-        """/proc/sys/kernel/sched_rt_runtime_us: -1 no RT throttling, 0 RT tasks never run."""
-        return self.fs.read_int("proc/sys/kernel/sched_rt_runtime_us")
-
-    def device_number(self, blockdev: str) -> str | None:
-        text = self.fs.read(f"sys/block/{blockdev}/dev")
-        return text.strip() if text and re.match(r"^\d+:\d+$", text.strip()) else None
 
     def hierarchies(self) -> list[Hierarchy]:
         with self._lock:

@@ -128,7 +128,8 @@ def selector(comm: str) -> policy.ProcessSelector:
 
 def our_plan(chosen: policy.Policy, log: journal.Journal | None = None) -> plan.Plan:
     overrides = engine.original_view(log) if log is not None else {}
-    result = planner.make_plan(chosen, host.read(ROOT, hostfs.HostFS(ROOT, overrides=overrides)))
+    model = host.read(ROOT, hostfs.HostFS(ROOT, overrides=overrides), wanted=chosen.workloads)
+    result = planner.make_plan(chosen, model)
     return dataclasses.replace(result, actions=tuple(a for a in result.actions if a.tuner in ("sched", "cgroup")))
 
 

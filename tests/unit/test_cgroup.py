@@ -34,7 +34,8 @@ def make_policy(*items: policy.Workload) -> policy.Policy:
 def plan_for(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal | None = None,
              selection: workloads.Selection | None = SELECTION) -> plan.Plan:
     overrides = engine.original_view(log) if log is not None else {}
-    return planner.make_plan(chosen, host.read(root, hostfs.HostFS(root, overrides=overrides), selection=selection))
+    model = host.read(root, hostfs.HostFS(root, overrides=overrides), selection=selection, wanted=chosen.workloads)
+    return planner.make_plan(chosen, model)
 
 
 def cgroup_actions(result: plan.Plan) -> dict[str, str]:

@@ -48,7 +48,7 @@ def test_xps_queues_of_agent_cpus_go_to_numa_local_housekeeping() -> None:
 
 
 def test_rps_off_stays_off_with_one_skip_per_device() -> None:
-    result = planner.make_plan(rps_policy(), host.read(LARGE))
+    result = planner.make_plan(rps_policy(), host.read(LARGE, wanted=rps_policy().workloads))
     assert [(s.target, s.reason) for s in result.skips if s.tuner == "rps"] == [
         ("sys/class/net/eth0/queues/rx-*/rps_cpus", "eth0: RPS is off on all 64 rx queues (mask 0); left off"),
         ("sys/class/net/eth1/queues/rx-*/rps_cpus", "eth1: RPS is off on all 64 rx queues (mask 0); left off"),
@@ -62,7 +62,7 @@ def test_rps_mask_loses_agent_cpus_or_falls_back_to_local_housekeeping(
                           nics=(hostgen.Nic("eth0", queues=2, node=0, rps=frozenset({0, 1, 2})),
                                 hostgen.Nic("eth1", queues=1, node=1, rps=frozenset({5})),
                                 hostgen.Nic("eth2", queues=1, node=1, rps=frozenset({5, 7}))))
-    result = planner.make_plan(rps_policy("1,5"), host.read(root))
+    result = planner.make_plan(rps_policy("1,5"), host.read(root, wanted=rps_policy("1,5").workloads))
     assert {a.target: (a.current, a.desired) for a in result.actions} == {
         "sys/class/net/eth0/queues/rx-0/rps_cpus": ("7", "5"),
         "sys/class/net/eth0/queues/rx-1/rps_cpus": ("7", "5"),
@@ -80,14 +80,14 @@ def test_nothing_without_agent_cpus_or_with_rps_disabled() -> None:
 
 def test_snapshot_without_queue_files_plans_and_skips_nothing() -> None:
     """vm-2cpu was captured before the host model read queue files: no RPS/XPS rows at all."""
-    result = planner.make_plan(rps_policy("1"), host.read(hosts.FIXTURES / "vm-2cpu"))
+    result = planner.make_plan(rps_policy("1"), host.read(hosts.FIXTURES / "vm-2cpu", wanted=rps_policy("1").workloads))
     assert not [item for item in (*result.actions, *result.skips) if item.tuner == "rps"]
 
 
 def test_single_queue_devices_without_xps_get_one_skip(generated_host: Callable[..., pathlib.Path]) -> None:
     root = generated_host(cpus=2, nics=(hostgen.Nic("eth0", queues=1, rps=frozenset({1})),))
     (root / "sys/class/net/eth0/queues/tx-0/xps_cpus").unlink()
-    result = planner.make_plan(rps_policy("1"), host.read(root))
+    result = planner.make_plan(rps_policy("1"), host.read(root, wanted=rps_policy("1").workloads))
     assert [(a.target, a.desired) for a in result.actions] == [("sys/class/net/eth0/queues/rx-0/rps_cpus", "1")]
     assert [s.reason for s in result.skips] == [
         "eth0: no xps_cpus (single tx queue: the kernel offers no XPS); nothing to move"]

@@ -61,7 +61,7 @@ def log(tmp_path: pathlib.Path) -> Iterator[journal.Journal]:
 
 def plan_for(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal | None = None) -> plan.Plan:
     overrides = engine.original_view(log) if log is not None else {}
-    return planner.make_plan(chosen, host.read(root, hostfs.HostFS(root, overrides=overrides)))
+    return planner.make_plan(chosen, host.read(root, hostfs.HostFS(root, overrides=overrides), wanted=chosen.workloads))
 
 
 def apply(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal) -> engine.Report:

@@ -26,9 +26,7 @@ def selector(**fields: str) -> policy.ProcessSelector:
 
 
 def discover(root: pathlib.Path, chosen: policy.Workload, pods: tuple[str, ...] | None = None) -> workloads.Found:
-    model = host.read(root)
-    assert model.discovery is not None
-    return model.discovery.find(chosen, pods)
+    return workloads.Discovery(hostfs.HostFS(root)).find(chosen, pods)
 
 
 @pytest.fixture
@@ -101,27 +99,24 @@ def test_process_selector_narrows_a_pod(tmp_path: pathlib.Path) -> None:
 def test_pod_selector_without_the_agent_is_reported(node: pathlib.Path) -> None:
     model = host.read(node)
     chosen = workload("agent", pod_selector=policy.PodSelector(match_labels={"app": "agent"}))
-    assert model.discovery is not None
-    offline = model.discovery.find(chosen, workloads.pods_for(model.selection, chosen))
+    discovery = workloads.Discovery(hostfs.HostFS(node))
+    offline = discovery.find(chosen, workloads.pods_for(model.selection, chosen))
     assert "node agent" in (offline.note or "")
     selection = workloads.Selection({"other": (INDEXER_POD,)})
-    none = model.discovery.find(chosen, workloads.pods_for(selection, chosen))
+    none = discovery.find(chosen, workloads.pods_for(selection, chosen))
     assert none.note == "no pod on this node matches podSelector"
-    gone = model.discovery.find(chosen, ("ffffffff-0000-4000-8000-000000000000",))
+    gone = discovery.find(chosen, ("ffffffff-0000-4000-8000-000000000000",))
     assert "no running process matches pods" in (gone.note or "")
 
 
 def test_selection_seam_on_the_host_model(node: pathlib.Path) -> None:
-    """The node agent passes pod UIDs per workload name; read() and dataclasses.replace() both work."""
+    """The node agent passes pod UIDs per workload name; read() discovers the wanted workloads' pods."""
     selection = workloads.Selection({"agent": (AGENT_POD,)})
-    model = host.read(node, selection=selection)
-    assert model.selection == selection
-    replaced = dataclasses.replace(host.read(node), selection=selection)
     chosen = workload("agent", pod_selector=policy.PodSelector())
-    for candidate in (model, replaced):
-        assert candidate.discovery is not None
-        found = candidate.discovery.find(chosen, workloads.pods_for(candidate.selection, chosen))
-        assert [p.pid for p in found.processes] == [4100]
+    model = host.read(node, selection=selection, wanted=[chosen])
+    assert model.selection == selection
+    found = model.found["agent"]
+    assert [p.pid for p in found.processes] == [4100]
 
 
 # agentCpus: auto ---------------------------------------------------------------------------------------
@@ -191,9 +186,7 @@ def many_processes(tmp_path: pathlib.Path) -> pathlib.Path:
 def test_node_local_reads_details_only_of_candidates(tmp_path: pathlib.Path) -> None:
     root = many_processes(tmp_path)
     fs = hostfs.HostFS(root, record=True)
-    model = host.read(root, fs)
-    assert model.discovery is not None
-    model.discovery.find(workload(process_selector=selector(comm="^agent-loop$")), None)
+    host.read(root, fs, wanted=[workload(process_selector=selector(comm="^agent-loop$"))])
     workers = {rel for rel in fs.files if rel.startswith("proc/10")}
     assert workers == {f"proc/{1000 + i}/stat" for i in range(50)}, "non-candidates: /proc/PID/stat only"
     assert {"proc/4100/cmdline", "proc/4100/cgroup", "proc/4100/task/4101/stat"} <= fs.files
@@ -202,9 +195,8 @@ def test_node_local_reads_details_only_of_candidates(tmp_path: pathlib.Path) -> 
 def test_cluster_mode_reads_only_the_pods_processes(tmp_path: pathlib.Path) -> None:
     root = many_processes(tmp_path)
     fs = hostfs.HostFS(root, record=True)
-    model = host.read(root, fs, selection=workloads.Selection({"agent": (AGENT_POD,)}))
-    assert model.discovery is not None
-    model.discovery.find(workload("agent", pod_selector=policy.PodSelector()), (AGENT_POD,))
+    host.read(root, fs, selection=workloads.Selection({"agent": (AGENT_POD,)}),
+              wanted=[workload("agent", pod_selector=policy.PodSelector())])
     pids = {rel.split("/")[1] for rel in fs.files if rel.startswith("proc/") and rel.split("/")[1].isdigit()}
     assert pids == {"4100", "4000"}, "the agent container's process, and the pod's pause (skipped)"
 
@@ -221,9 +213,8 @@ def test_host_read_without_workloads_reads_no_process(tmp_path: pathlib.Path) ->
 def test_overrides_replace_live_thread_attributes(node: pathlib.Path) -> None:
     key = workloads.task_key(4100, 4101, 5101, "policy")
     fs = hostfs.HostFS(node, overrides={key: "fifo 10", workloads.task_key(4100, 4101, 5101, "affinity"): "1"})
-    model = host.read(node, fs)
-    assert model.discovery is not None
-    found = model.discovery.find(workload(process_selector=selector(comm="^agent")), None)
+    chosen = workload(process_selector=selector(comm="^agent"))
+    found = host.read(node, fs, wanted=[chosen]).found[chosen.name]
     thread = found.processes[0].threads[1]
     assert (thread.attrs.policy, thread.attrs.priority, thread.attrs.affinity) == ("fifo", 10, {1})
 
