@@ -2,7 +2,7 @@
 
 Builds on :mod:`tests.hostgen` (CPUs, IRQs, devices, kubelet state) and adds what workload discovery
 reads: ``proc/PID/{stat,cmdline,cgroup}``, ``proc/PID/task/TID/stat`` and the fake scheduler state
-``proc/PID/task/TID/agentlat-fake-sched.json`` (see ``workloads.FakeBackend``), cgroup v2, v1 or hybrid
+``proc/PID/task/TID/agentlat-fake-sched.json`` (see ``taskattrs.FakeBackend``), cgroup v2, v1 or hybrid
 hierarchies with the systemd or cgroupfs kubelet layout, and ``sys/block/*/dev``.
 
     python -m tests.workloadgen --out tests/fixtures/cgroup-v2-systemd --version 2 --driver systemd
@@ -18,7 +18,7 @@ import pathlib
 from collections.abc import Mapping
 
 from agentlat.operator.model import workloads
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, taskattrs
 from tests import hostgen
 
 V2_CONTROLLERS = "cpuset cpu io memory pids"
@@ -237,7 +237,7 @@ def _process(spec: Spec, root: pathlib.Path, proc: Proc, cgroup: str, online: st
                      "nice": thread.nice, "slice_ns": thread.slice_ns, "timer_slack_ns": thread.timer_slack_ns,
                      "default_timer_slack_ns": 50_000, "affinity": thread.affinity or allowed, "allowed": allowed,
                      "rt_allowed": proc.rt_allowed}
-            _write(root, f"{tbase}/{workloads.FAKE_FILE}", json.dumps(state, sort_keys=True))
+            _write(root, f"{tbase}/{taskattrs.FAKE_FILE}", json.dumps(state, sort_keys=True))
 
 
 def _stat(pid: int, comm: str, state: str, flags: int, threads: int, start: int, nice: int) -> str:

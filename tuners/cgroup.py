@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
+from agentlat.tuners.kernel import taskattrs
 
 NAME = "cgroup"
 KEEP = "keep"
@@ -95,7 +96,7 @@ class CgroupTuner(base.FileTuner):
         """The kernel takes one ``MAJ:MIN target=N`` per write; devices not in ``value`` go back to max."""
         wanted = _parse_latency(value)
         current = _parse_latency(super().read(root, target))
-        if not workloads.is_live(root):  # a fixture file simply holds the configured lines
+        if not taskattrs.is_live(root):  # a fixture file simply holds the configured lines
             super().write(root, target, _format_latency(wanted) or "")
             return
         for device in sorted(set(current) | set(wanted)):
@@ -144,7 +145,7 @@ def _plan_location(workload: str, budget: policy.CgroupBudget, processes: list[w
 def _check(target: str) -> None:
     """Refuse (EPERM) anything but the budget files under sys/fs/cgroup: never cpuset.* nor cgroup.*."""
     file = target.rsplit("/", 1)[-1]
-    if not target.startswith(workloads.CGROUP_ROOT + "/") or file not in WRITABLE or ".." in target.split("/"):
+    if not target.startswith(taskattrs.CGROUP_ROOT + "/") or file not in WRITABLE or ".." in target.split("/"):
         raise PermissionError(1, f"refusing to touch {target}: only cgroup budget files are tuned "
                                  "(never cpuset.*, which kubelet owns)")
 

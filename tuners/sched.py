@@ -15,7 +15,7 @@ Defaults by latency class: ``background`` without ``schedPolicy``/``nice`` runs 
 ``pinToAgentCpus: false``, on the housekeeping CPUs; ``pinToAgentCpus: true`` pins to the agent CPUs
 (intersected with the task's cpuset, which ``sched_setaffinity`` would do anyway). RT priorities stop at
 49 (the CRD refuses more) so per-CPU kernel threads at 50 keep running. The syscalls go through
-``workloads.backend(root)``: real only on this machine's procfs, a file-backed fake on fixture trees.
+``taskattrs.backend(root)``: real only on this machine's procfs, a file-backed fake on fixture trees.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, taskattrs
 
 NAME = "sched"
 KEEP = "keep"
@@ -81,9 +81,9 @@ class SchedTuner:
     def read(self, root: pathlib.Path, target: str) -> str:
         pid, tid, start, attr = workloads.parse_key(target)
         _check_start(root, pid, tid, start)
-        attrs = workloads.backend(root).attrs(pid, tid)
+        attrs = taskattrs.backend(root).attrs(pid, tid)
         _check_start(root, pid, tid, start)
-        value = workloads.attr_value(attrs, attr)
+        value = taskattrs.attr_value(attrs, attr)
         if value is None:
             raise base.Unsupported(f"the kernel does not report the {attr} of thread {tid}")
         return value
@@ -93,10 +93,10 @@ class SchedTuner:
             return
         pid, tid, start, attr = workloads.parse_key(target)
         _check_start(root, pid, tid, start)
-        backend = workloads.backend(root)
+        backend = taskattrs.backend(root)
         try:
             if attr == "policy":
-                name, priority, reset = workloads.parse_policy(value)
+                name, priority, reset = taskattrs.parse_policy(value)
                 if name not in ("other", "batch", "idle", "fifo", "rr"):
                     raise base.Unsupported(f"policy {name} is not set by agentlat")
                 if priority > MAX_RT_PRIORITY:
@@ -111,12 +111,12 @@ class SchedTuner:
             else:
                 backend.set_affinity(pid, tid, cpulist.parse(value))
         except PermissionError as exc:
-            if attr == "policy" and workloads.parse_policy(value)[0] in workloads.RT_POLICIES:
+            if attr == "policy" and taskattrs.parse_policy(value)[0] in taskattrs.RT_POLICIES:
                 raise base.Unsupported(
                     f"{value} refused with EPERM: the thread's cgroup has no RT runtime (RT_GROUP_SCHED with "
                     "cpu.rt_runtime_us=0) or RT scheduling is forbidden here") from exc
             raise
-        except workloads.Unsupported as exc:
+        except taskattrs.Unsupported as exc:
             raise base.Unsupported(str(exc)) from exc
         _check_start(root, pid, tid, start)
 
@@ -132,7 +132,7 @@ class SchedTuner:
         attr = target.rsplit("/", 1)[-1]
         try:
             if attr == "policy":
-                return workloads.parse_policy(current) == workloads.parse_policy(desired)
+                return taskattrs.parse_policy(current) == taskattrs.parse_policy(desired)
             if attr == "affinity":
                 return cpulist.parse(current) == cpulist.parse(desired)
             return int(current) == int(desired)
@@ -157,11 +157,11 @@ def wants_of(workload: policy.Workload, cpus: plan.Cpus, kernel: str | None) -> 
     if sched is None and workload.latency_class == "background" and workload.nice is None:
         sched = "idle"
     priority = workload.rt_priority or 0
-    if sched in workloads.RT_POLICIES and not 1 <= priority <= MAX_RT_PRIORITY:
+    if sched in taskattrs.RT_POLICIES and not 1 <= priority <= MAX_RT_PRIORITY:
         skips.append(plan.Skip(NAME, f"{where}/policy", f"workload {name}: schedPolicy {sched} needs rtPriority "
                                                         f"1..{MAX_RT_PRIORITY}, got {priority}"))
         sched = None
-    rt = sched in workloads.RT_POLICIES
+    rt = sched in taskattrs.RT_POLICIES
     nice = workload.nice
     if nice is not None and rt:
         skips.append(plan.Skip(NAME, f"{where}/nice", f"workload {name}: nice has no effect under schedPolicy {sched}"))
@@ -191,7 +191,7 @@ def wants_of(workload: policy.Workload, cpus: plan.Cpus, kernel: str | None) -> 
 
 
 def _slice_unsupported(sched: str | None, kernel: str | None) -> str | None:
-    if sched is not None and sched not in workloads.FAIR_POLICIES:
+    if sched is not None and sched not in taskattrs.FAIR_POLICIES:
         return f"the EEVDF slice applies to schedPolicy other/batch, not {sched}"
     version = _kernel_version(kernel)
     if version is None:
@@ -210,7 +210,7 @@ def _kernel_version(kernel: str | None) -> tuple[int, int] | None:
 def _plan_process(workload: str, wants: Wants, process: workloads.Process,
                   rt_runtime_us: int | None) -> Iterator[plan.Action | plan.Skip]:
     where = f"process/{process.pid}@{process.start}"
-    blocked = _rt_blocked(process, rt_runtime_us) if wants.policy in workloads.RT_POLICIES else None
+    blocked = _rt_blocked(process, rt_runtime_us) if wants.policy in taskattrs.RT_POLICIES else None
     if blocked is not None:
         yield plan.Skip(NAME, f"{where}/policy", f"workload {workload}: {process.label}: schedPolicy "
                                                  f"{wants.policy} would fail with EPERM: {blocked}")
@@ -236,23 +236,23 @@ def _plan_process(workload: str, wants: Wants, process: workloads.Process,
         effective = current.policy
         if wants.policy is not None and blocked is None:
             effective = wants.policy
-            desired = workloads.format_policy(wants.policy, wants.priority, current.reset_on_fork)
-            now = workloads.attr_value(current, "policy") or ""
-            if workloads.parse_policy(now) != workloads.parse_policy(desired):
-                if wants.policy in workloads.RT_POLICIES and current.policy not in workloads.RT_POLICIES \
+            desired = taskattrs.format_policy(wants.policy, wants.priority, current.reset_on_fork)
+            now = taskattrs.attr_value(current, "policy") or ""
+            if taskattrs.parse_policy(now) != taskattrs.parse_policy(desired):
+                if wants.policy in taskattrs.RT_POLICIES and current.policy not in taskattrs.RT_POLICIES \
                         and current.timer_slack_ns is not None:
                     yield plan.Action(NAME, task.key("timerslack"), str(current.timer_slack_ns), KEEP,
                                       f"{said} timer slack {current.timer_slack_ns} journaled: {wants.policy} "
                                       "zeroes it and leaving RT resets it to the default")
                 yield plan.Action(NAME, task.key("policy"), now, desired, f"{said} policy {now} -> {desired}")
-        rt = effective in workloads.RT_POLICIES
+        rt = effective in taskattrs.RT_POLICIES
         if rt and (wants.nice is not None or wants.slice_ns is not None or wants.slack_ns is not None):
             left_alone.add(f"tid {task.tid} runs {effective}: nice, slice and timer slack do not apply")
         if wants.nice is not None and not rt and current.nice != wants.nice:
             yield plan.Action(NAME, task.key("nice"), str(current.nice), str(wants.nice),
                               f"{said} nice {current.nice} -> {wants.nice}")
         if wants.slice_ns is not None and not rt:
-            if effective not in workloads.FAIR_POLICIES:
+            if effective not in taskattrs.FAIR_POLICIES:
                 left_alone.add(f"tid {task.tid} runs {effective}: the slice applies to other/batch")
             elif current.slice_ns is None:
                 left_alone.add(f"tid {task.tid}: the kernel does not report its slice")

@@ -26,36 +26,22 @@ selected pods' cgroups, in node-local mode ``/proc/PID/stat`` for every process 
 the earlier criteria still match. Journaled originals (``HostFS.overrides``, keyed by target) stand in
 for live values, so a re-apply plans against the host as it was before the first apply.
 
-Per-thread scheduler attributes go through a :class:`Backend`. The real one (syscalls by TID) is used
-only when ROOT/proc is this machine's procfs in our PID namespace (``--root /``, or a host procfs
-mounted in a hostPID pod). On any other root — a fixture tree — PIDs in the tree name nothing real: a
-``setpriority`` or ``sched_setaffinity`` on them would hit whatever unrelated process on the test
-machine has that number. Fixture roots get :class:`FakeBackend`, which keeps each thread's attributes in
-``ROOT/proc/PID/task/TID/agentlat-fake-sched.json`` and mimics the kernel rules the tuners depend on.
+Per-thread scheduler attributes are read through :mod:`agentlat.tuners.kernel.taskattrs` (syscalls on a
+live root, a file-backed fake on fixture trees).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
 import fnmatch
-import functools
-import json
 import os
-import pathlib
-import platform
 import re
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
 
 from agentlat.operator.model import policy
-from agentlat.tuners.kernel import cpulist, hostfs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
-CGROUP_ROOT = "sys/fs/cgroup"
-FAKE_FILE = "agentlat-fake-sched.json"
 PF_KTHREAD = 0x00200000
 QOS_CLASSES = ("", "burstable", "besteffort")
 
@@ -68,13 +54,6 @@ CGROUP_FILES = (
     "cpu.rt_runtime_us", "cpuset.cpus.effective", "cpuset.effective_cpus",
 )
 
-POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline", 7: "ext"}
-POLICY_NUMBERS = {name: number for number, name in POLICIES.items()}
-RT_POLICIES = frozenset({"fifo", "rr"})
-FAIR_POLICIES = frozenset({"other", "batch"})  # the policies whose slice sched_setattr sets (>= 6.12)
-SCHED_FLAG_RESET_ON_FORK = 0x01
-SCHED_RESET_ON_FORK = 0x40000000
-ATTR_NAMES = ("policy", "nice", "slice", "timerslack", "affinity")
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -88,23 +67,12 @@ class Selection:
 
 
 @dataclasses.dataclass(frozen=True)
-class SchedAttrs:
-    policy: str  # other | batch | idle | fifo | rr | deadline | ext
-    priority: int  # RT priority, 0 for the other policies
-    reset_on_fork: bool
-    nice: int
-    slice_ns: int | None  # EEVDF slice of a fair task (kernel >= 6.12); None when not reported
-    timer_slack_ns: int | None  # None when unreadable
-    affinity: cpulist.CpuSet
-
-
-@dataclasses.dataclass(frozen=True)
 class Task:
     pid: int
     tid: int
     start: int  # field 22 of /proc/PID/task/TID/stat: identifies the thread across PID reuse
     comm: str
-    attrs: SchedAttrs
+    attrs: taskattrs.SchedAttrs
 
     def key(self, attr: str) -> str:
         return task_key(self.pid, self.tid, self.start, attr)
@@ -177,7 +145,7 @@ _KEY = re.compile(r"^task/(\d+)/(\d+)@(\d+)/([a-z]+)$")
 
 def parse_key(target: str) -> tuple[int, int, int, str]:
     match = _KEY.match(target)
-    if match is None or match.group(4) not in ATTR_NAMES:
+    if match is None or match.group(4) not in taskattrs.ATTR_NAMES:
         raise ValueError(f"{target!r} is not a task target (task/PID/TID@START/ATTR)")
     return int(match.group(1)), int(match.group(2)), int(match.group(3)), match.group(4)
 
@@ -231,362 +199,15 @@ def parse_stat(text: str) -> Stat:
     return Stat(comm=text[left + 1:right], state=rest[0], flags=int(rest[6]), start=int(rest[19]))
 
 
-def format_policy(name: str, priority: int = 0, reset_on_fork: bool = False) -> str:
-    text = f"{name} {priority}" if name in RT_POLICIES else name
-    return f"{text} reset-on-fork" if reset_on_fork else text
-
-
-def parse_policy(text: str) -> tuple[str, int, bool]:
-    words = text.split()
-    if not words or words[0] not in POLICY_NUMBERS:
-        raise ValueError(f"{text!r} is not a scheduling policy (other, batch, idle, fifo N, rr N)")
-    reset = words[-1] == "reset-on-fork"
-    if reset:
-        words = words[:-1]
-    name = words[0]
-    if name in RT_POLICIES:
-        if len(words) != 2 or not words[1].isdigit() or not 1 <= int(words[1]) <= 99:
-            raise ValueError(f"{text!r}: {name} needs a priority 1..99")
-        return name, int(words[1]), reset
-    if len(words) != 1:
-        raise ValueError(f"{text!r}: {name} takes no priority")
-    return name, 0, reset
-
-
-def attr_value(attrs: SchedAttrs, attr: str) -> str | None:
-    """One attribute in its target syntax; None when the kernel does not report it."""
-    if attr == "policy":
-        return format_policy(attrs.policy, attrs.priority, attrs.reset_on_fork)
-    if attr == "nice":
-        return str(attrs.nice)
-    if attr == "slice":
-        return str(attrs.slice_ns) if attrs.slice_ns is not None else None
-    if attr == "timerslack":
-        return str(attrs.timer_slack_ns) if attrs.timer_slack_ns is not None else None
-    if attr == "affinity":
-        return cpulist.format(attrs.affinity)
-    raise ValueError(f"unknown task attribute {attr!r}")
-
-
-def with_value(attrs: SchedAttrs, attr: str, value: str) -> SchedAttrs:
-    """``attrs`` with one attribute replaced by a value in target syntax (a journaled original)."""
-    if attr == "policy":
-        name, priority, reset = parse_policy(value)
-        return dataclasses.replace(attrs, policy=name, priority=priority, reset_on_fork=reset)
-    if attr == "nice":
-        return dataclasses.replace(attrs, nice=int(value))
-    if attr == "slice":
-        return dataclasses.replace(attrs, slice_ns=int(value))
-    if attr == "timerslack":
-        return dataclasses.replace(attrs, timer_slack_ns=int(value))
-    if attr == "affinity":
-        return dataclasses.replace(attrs, affinity=cpulist.parse(value))
-    raise ValueError(f"unknown task attribute {attr!r}")
-
-
-# --- backends ------------------------------------------------------------------------------------------
-
-class Backend(Protocol):
-    """Per-thread scheduler attributes. Every method raises ProcessLookupError when the thread is gone."""
-
-    def attrs(self, pid: int, tid: int) -> SchedAttrs:
-        ...
-
-    def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
-        ...
-
-    def set_nice(self, pid: int, tid: int, nice: int) -> None:
-        ...
-
-    def set_slice(self, pid: int, tid: int, slice_ns: int) -> None:
-        ...
-
-    def set_timer_slack(self, pid: int, tid: int, slack_ns: int) -> None:
-        ...
-
-    def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
-        ...
-
-
-class SchedAttr(ctypes.Structure):
-    """struct sched_attr (include/uapi/linux/sched/types.h), SCHED_ATTR_SIZE_VER1 = 56 bytes."""
-
-    _fields_ = [
-        ("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32), ("sched_flags", ctypes.c_uint64),
-        ("sched_nice", ctypes.c_int32), ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
-        ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64),
-        ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32),
-    ]
-
-
-SCHED_ATTR_SIZE = 56
-# (sched_setattr, sched_getattr) syscall numbers per architecture.
-_SYSCALLS = {"x86_64": (314, 315), "aarch64": (274, 275)}
-
-
-class Unsupported(Exception):
-    """The running kernel or architecture cannot do this (no sched_setattr, no slice)."""
-
-
-class RealBackend:
-    """Syscalls on TIDs of this machine, plus /proc/TID/timerslack_ns under ``root`` (its procfs)."""
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._numbers = _SYSCALLS.get(platform.machine())
-
-    def attrs(self, pid: int, tid: int) -> SchedAttrs:
-        with _gone_as_esrch():
-            raw = self.get_attr(tid)
-            if raw is not None:
-                name = POLICIES.get(raw.sched_policy, str(raw.sched_policy))
-                priority = int(raw.sched_priority)
-                reset = bool(raw.sched_flags & SCHED_FLAG_RESET_ON_FORK)
-                runtime = int(raw.sched_runtime)
-            else:
-                number = os.sched_getscheduler(tid)
-                name = POLICIES.get(number & ~SCHED_RESET_ON_FORK, str(number))
-                priority = os.sched_getparam(tid).sched_priority
-                reset = bool(number & SCHED_RESET_ON_FORK)
-                runtime = 0
-            return SchedAttrs(
-                policy=name,
-                priority=priority,
-                reset_on_fork=reset,
-                nice=os.getpriority(os.PRIO_PROCESS, tid),  # sched_getattr reports 0 for RT tasks
-                slice_ns=runtime if runtime and name in FAIR_POLICIES | {"idle"} else None,
-                timer_slack_ns=self._timer_slack(tid),
-                affinity=frozenset(os.sched_getaffinity(tid)),
-            )
-
-    def get_attr(self, tid: int) -> SchedAttr | None:
-        if self._numbers is None:
-            return None
-        attr = SchedAttr()
-        result = self._libc.syscall(ctypes.c_long(self._numbers[1]), ctypes.c_long(tid), ctypes.byref(attr),
-                                    ctypes.c_uint(SCHED_ATTR_SIZE), ctypes.c_uint(0))
-        if result != 0:
-            code = ctypes.get_errno()
-            if code == errno.ENOSYS:
-                return None
-            raise OSError(code, os.strerror(code))
-        return attr
-
-    def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
-        # The legacy call keeps nice and a custom slice (kernel >= 6.12 copies se.slice when custom_slice).
-        flags = SCHED_RESET_ON_FORK if reset_on_fork else 0
-        with _gone_as_esrch():
-            os.sched_setscheduler(tid, POLICY_NUMBERS[name] | flags, os.sched_param(priority))
-
-    def set_nice(self, pid: int, tid: int, nice: int) -> None:
-        with _gone_as_esrch():
-            os.setpriority(os.PRIO_PROCESS, tid, nice)
-
-    def set_slice(self, pid: int, tid: int, slice_ns: int) -> None:
-        if self._numbers is None:
-            raise Unsupported(f"sched_setattr is not wired for {platform.machine()}")
-        release = re.match(r"^(\d+)\.(\d+)", platform.release())
-        if release is None or (int(release.group(1)), int(release.group(2))) < (6, 12):
-            raise Unsupported(f"Linux {platform.release()} ignores sched_runtime for fair tasks (slices need >= 6.12)")
-        with _gone_as_esrch():
-            current = self.get_attr(tid)
-            if current is None:
-                raise Unsupported("the kernel has no sched_setattr")
-            attr = SchedAttr(size=SCHED_ATTR_SIZE, sched_policy=current.sched_policy,
-                             sched_flags=current.sched_flags & SCHED_FLAG_RESET_ON_FORK,
-                             sched_nice=os.getpriority(os.PRIO_PROCESS, tid), sched_runtime=slice_ns)
-            result = self._libc.syscall(ctypes.c_long(self._numbers[0]), ctypes.c_long(tid), ctypes.byref(attr),
-                                        ctypes.c_uint(0))
-            if result != 0:
-                code = ctypes.get_errno()
-                raise OSError(code, os.strerror(code))
-
-    def set_timer_slack(self, pid: int, tid: int, slack_ns: int) -> None:
-        path = self.root / "proc" / str(tid) / "timerslack_ns"
-        with _gone_as_esrch():
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, f"{slack_ns}\n".encode())
-            finally:
-                os.close(fd)
-
-    def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
-        """A mask equal to the task's whole cpuset is written as "every possible CPU": the kernel keeps
-        the requested mask (user_cpus_ptr) and intersects it with later cpusets, so restoring "2-3" when
-        the task merely had all of its cpuset 2-3 would freeze it there when kubelet widens the pool."""
-        allowed = self._cpuset_cpus(pid)
-        if allowed is not None and cpus == allowed:
-            possible = self._possible()
-            cpus = possible if possible and cpus <= possible else cpus
-        with _gone_as_esrch():
-            os.sched_setaffinity(tid, cpus)
-
-    def _cpuset_cpus(self, pid: int) -> cpulist.CpuSet | None:
-        try:
-            path = (self.root / "proc" / str(pid) / "cpuset").read_text().strip()
-        except OSError:
-            return None
-        if not path.startswith("/") or ".." in path.split("/"):
-            return None
-        inside = path.rstrip("/")
-        for rel in (f"{CGROUP_ROOT}{inside}/cpuset.cpus.effective",
-                    f"{CGROUP_ROOT}/cpuset{inside}/cpuset.effective_cpus"):
-            try:
-                return cpulist.parse((self.root / rel).read_text())
-            except (OSError, cpulist.CpuListError):
-                continue
-        return None
-
-    def _possible(self) -> cpulist.CpuSet | None:
-        try:
-            return cpulist.parse((self.root / "sys/devices/system/cpu/possible").read_text())
-        except (OSError, cpulist.CpuListError):
-            return None
-
-    def _timer_slack(self, tid: int) -> int | None:
-        try:
-            return int((self.root / "proc" / str(tid) / "timerslack_ns").read_text())
-        except FileNotFoundError:
-            raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
-        except (OSError, ValueError):
-            return None
-
-
-class FakeBackend:
-    """Per-thread attributes kept in ``ROOT/proc/PID/task/TID/agentlat-fake-sched.json`` (fixture roots).
-
-    Mimics what the tuners rely on: RT tasks run with zero timer slack and leaving RT resets it to the
-    task's default; writing 0 restores the default; a slice is kept only by other/batch and clamped to
-    0.1..100 ms; affinity is intersected with ``allowed`` (the cpuset) and EINVAL when that is empty;
-    ``"rt_allowed": false`` makes SCHED_FIFO/RR fail with EPERM (RT_GROUP_SCHED with no RT runtime).
-    """
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-
-    def path(self, pid: int, tid: int) -> pathlib.Path:
-        return self.root / "proc" / str(pid) / "task" / str(tid) / FAKE_FILE
-
-    def attrs(self, pid: int, tid: int) -> SchedAttrs:
-        state = self._load(pid, tid)
-        name = str(state.get("policy", "other"))
-        slack = state.get("timer_slack_ns")
-        return SchedAttrs(
-            policy=name,
-            priority=int(state.get("priority", 0)),
-            reset_on_fork=bool(state.get("reset_on_fork", False)),
-            nice=int(state.get("nice", 0)),
-            slice_ns=int(state["slice_ns"]) if name in FAIR_POLICIES | {"idle"} and "slice_ns" in state else None,
-            timer_slack_ns=int(slack) if slack is not None else None,
-            affinity=cpulist.parse(str(state.get("affinity", "0"))),
-        )
-
-    def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
-        state = self._load(pid, tid)
-        was_rt = state.get("policy") in RT_POLICIES
-        if name in RT_POLICIES and not state.get("rt_allowed", True):
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
-        state.update(policy=name, priority=priority, reset_on_fork=reset_on_fork)
-        if name in RT_POLICIES:
-            state["timer_slack_ns"] = 0
-        elif was_rt:
-            state["timer_slack_ns"] = state.get("default_timer_slack_ns", 50000)
-        self._save(pid, tid, state)
-
-    def set_nice(self, pid: int, tid: int, nice: int) -> None:
-        if not -20 <= nice <= 19:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        state = self._load(pid, tid)
-        state["nice"] = nice
-        self._save(pid, tid, state)
-
-    def set_slice(self, pid: int, tid: int, slice_ns: int) -> None:
-        state = self._load(pid, tid)
-        if state.get("policy", "other") in FAIR_POLICIES:
-            state["slice_ns"] = min(max(slice_ns, 100_000), 100_000_000)
-        self._save(pid, tid, state)
-
-    def set_timer_slack(self, pid: int, tid: int, slack_ns: int) -> None:
-        state = self._load(pid, tid)
-        if state.get("policy") in RT_POLICIES:
-            slack_ns = 0
-        elif slack_ns == 0:
-            slack_ns = int(state.get("default_timer_slack_ns", 50000))
-        state["timer_slack_ns"] = slack_ns
-        self._save(pid, tid, state)
-
-    def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
-        state = self._load(pid, tid)
-        allowed = cpulist.parse(str(state.get("allowed", state.get("affinity", ""))))
-        effective = cpus & allowed if allowed else cpus
-        if not effective:
-            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        state["affinity"] = cpulist.format(effective)
-        self._save(pid, tid, state)
-
-    def _load(self, pid: int, tid: int) -> dict[str, Any]:
-        try:
-            loaded = json.loads(self.path(pid, tid).read_text())
-        except FileNotFoundError:
-            raise ProcessLookupError(errno.ESRCH, f"thread {tid} of {pid} is gone") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{self.path(pid, tid)} is not a JSON object")
-        return loaded
-
-    def _save(self, pid: int, tid: int, state: dict[str, Any]) -> None:
-        self.path(pid, tid).write_text(json.dumps(state, sort_keys=True) + "\n")
-
-
-@functools.lru_cache(maxsize=16)
-def _is_live_procfs(root: str) -> bool:
-    proc = os.path.join(root, "proc")
-    try:
-        if os.readlink(os.path.join(proc, "self")) != str(os.getpid()):
-            return False
-        real = os.path.realpath(proc)
-        with open("/proc/self/mountinfo") as mounts:
-            return any(line.split()[4] == real and " - proc " in line for line in mounts)
-    except OSError:
-        return False
-
-
-def is_live(root: pathlib.Path) -> bool:
-    """Whether ROOT/proc is this machine's procfs for our PID namespace (syscalls by PID are safe)."""
-    return _is_live_procfs(os.path.realpath(root))
-
-
-def backend_for(root: pathlib.Path) -> Backend:
-    return RealBackend(root) if is_live(root) else FakeBackend(root)
-
-
-@functools.lru_cache(maxsize=16)
-def _cached_backend(root: str) -> Backend:
-    return backend_for(pathlib.Path(root))
-
-
-def backend(root: pathlib.Path) -> Backend:
-    return _cached_backend(str(root))
-
-
-@contextlib.contextmanager
-def _gone_as_esrch() -> Iterator[None]:
-    """ENOENT from /proc and ESRCH from syscalls both mean the thread exited: ProcessLookupError."""
-    try:
-        yield
-    except FileNotFoundError as exc:
-        raise ProcessLookupError(errno.ESRCH, "thread is gone") from exc
-
-
 # --- discovery -----------------------------------------------------------------------------------------
 
 class Discovery:
-    """Lazy, memoized reads of processes, threads and cgroups for the workloads a planner asks about."""
+    """Memoized reads of processes, threads and cgroups for the workloads ``host.read`` is asked about."""
 
-    def __init__(self, fs: hostfs.HostFS, backend: Backend | None = None) -> None:
+    def __init__(self, fs: hostfs.HostFS, backend: taskattrs.Backend | None = None) -> None:
         self.fs = fs
-        self.live = is_live(fs.root)
-        self.backend = backend or backend_for(fs.root)
+        self.live = taskattrs.is_live(fs.root)
+        self.backend = backend or taskattrs.backend_for(fs.root)
         self._lock = threading.RLock()
         self._found: dict[tuple[str, tuple[str, ...] | None], Found] = {}
         self._cgroups: dict[str, Cgroup | None] = {}
@@ -708,12 +329,12 @@ class Discovery:
                 continue
             try:
                 attrs = self.backend.attrs(pid, tid)
-            except (OSError, ValueError, Unsupported):
+            except (OSError, ValueError, taskattrs.Unsupported):
                 continue  # exited meanwhile, or no attributes recorded for it
-            for attr in ATTR_NAMES:
+            for attr in taskattrs.ATTR_NAMES:
                 original = self.fs.overrides.get(task_key(pid, tid, stat.start, attr))
                 if original is not None:
-                    attrs = with_value(attrs, attr, original)
+                    attrs = taskattrs.with_value(attrs, attr, original)
             yield Task(pid, tid, stat.start, stat.comm, attrs)
 
     def _stat(self, rel: str) -> Stat | None:
@@ -780,11 +401,11 @@ class Discovery:
 
 
 def _hierarchies(fs: hostfs.HostFS) -> list[Hierarchy]:
-    if fs.read(f"{CGROUP_ROOT}/cgroup.controllers") is not None:
-        return [Hierarchy(CGROUP_ROOT, 2, frozenset())]
+    if fs.read(f"{taskattrs.CGROUP_ROOT}/cgroup.controllers") is not None:
+        return [Hierarchy(taskattrs.CGROUP_ROOT, 2, frozenset())]
     found = []
-    for name in fs.listdir(CGROUP_ROOT):
-        rel = f"{CGROUP_ROOT}/{name}"
+    for name in fs.listdir(taskattrs.CGROUP_ROOT):
+        rel = f"{taskattrs.CGROUP_ROOT}/{name}"
         if fs.link_name(rel) or not fs.is_dir(rel):
             continue  # "cpu" -> "cpu,cpuacct" style aliases: the real directory is listed too
         if fs.read(f"{rel}/cgroup.controllers") is not None:

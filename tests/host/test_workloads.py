@@ -22,7 +22,7 @@ import pytest
 from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, cgroup, sched
-from agentlat.tuners.kernel import cpulist, hostfs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
 pytestmark = pytest.mark.host
 
@@ -139,7 +139,7 @@ def apply(chosen: policy.Policy, log: journal.Journal) -> engine.Report:
 
 
 def thread_state(tid: int) -> dict[str, object]:
-    attr = workloads.RealBackend(ROOT).get_attr(tid)
+    attr = taskattrs.RealBackend(ROOT).get_attr(tid)
     return {
         "policy": os.sched_getscheduler(tid),
         "priority": os.sched_getparam(tid).sched_priority,
@@ -196,7 +196,7 @@ def test_agent_and_background_workloads_apply_and_revert_exactly(
             assert os.getpriority(os.PRIO_PROCESS, tid) == -5
             assert os.sched_getaffinity(tid) == agent_cpus
             assert pathlib.Path(f"/proc/{tid}/timerslack_ns").read_text().strip() == "1000"
-            attr = workloads.RealBackend(ROOT).get_attr(tid)
+            attr = taskattrs.RealBackend(ROOT).get_attr(tid)
             assert attr is not None and attr.sched_runtime == 300_000, "EEVDF slice via sched_setattr"
         for tid in background.tids():
             assert os.sched_getscheduler(tid) == os.SCHED_IDLE

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from agentlat.operator.core import context, engine, journal, planner
-from agentlat.operator.model import host, plan, policy, workloads
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import sched
-from agentlat.tuners.kernel import cpulist, hostfs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 from tests import workloadgen
 from tests.plugins import hosts
 from tests.workloadgen import Proc, Spec, Thread
@@ -70,7 +70,7 @@ def apply(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal) -> en
 
 
 def fake(root: pathlib.Path, pid: int, tid: int) -> dict[str, object]:
-    loaded: dict[str, object] = json.loads((root / f"proc/{pid}/task/{tid}/{workloads.FAKE_FILE}").read_text())
+    loaded: dict[str, object] = json.loads((root / f"proc/{pid}/task/{tid}/{taskattrs.FAKE_FILE}").read_text())
     return loaded
 
 
@@ -221,7 +221,7 @@ def test_threads_started_later_are_planned_on_the_next_pass(root: pathlib.Path, 
     newer.mkdir()
     (newer / "stat").write_text((root / "proc/1234/task/1241/stat").read_text().replace("1241", "1250")
                                 .replace(" 2241 ", " 2250 "))
-    (newer / workloads.FAKE_FILE).write_text(json.dumps({**fake(root, 1234, 1241), "nice": 0}))
+    (newer / taskattrs.FAKE_FILE).write_text(json.dumps({**fake(root, 1234, 1241), "nice": 0}))
     result = plan_for(chosen, root)
     assert [a.target for a in result.actions] == ["task/1234/1250@2250/nice"]
 
@@ -263,7 +263,7 @@ def test_fixture_roots_never_make_syscalls(root: pathlib.Path, log: journal.Jour
     for name in ("setpriority", "getpriority", "sched_setscheduler", "sched_getscheduler", "sched_setaffinity",
                  "sched_getaffinity", "sched_getparam"):
         monkeypatch.setattr(os, name, refuse)
-    monkeypatch.setattr(workloads.RealBackend, "get_attr", refuse)
+    monkeypatch.setattr(taskattrs.RealBackend, "get_attr", refuse)
     chosen = make_policy(agent_loop(nice=-5, slice_micros=300, timer_slack_nanos=1000, pin_to_agent_cpus=True,
                                     sched_policy="batch"), indexer())
     assert apply(chosen, root, log).complete

@@ -10,7 +10,7 @@ import pytest
 
 from agentlat.operator.core import planner
 from agentlat.operator.model import host, kubelet, policy, workloads
-from agentlat.tuners.kernel import cpulist, hostfs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 from tests import hostgen, workloadgen
 from tests.workloadgen import AGENT_POD, INDEXER_POD, Container, Pod, Proc, Spec, Thread
 
@@ -230,13 +230,13 @@ def test_stat_parsing_survives_odd_comms() -> None:
 @pytest.mark.parametrize("text", ["other", "batch", "idle", "fifo 10", "rr 49", "other reset-on-fork",
                                   "fifo 1 reset-on-fork"])
 def test_policy_round_trip(text: str) -> None:
-    assert workloads.format_policy(*workloads.parse_policy(text)) == text
+    assert taskattrs.format_policy(*taskattrs.parse_policy(text)) == text
 
 
 @pytest.mark.parametrize("text", ["", "fifo", "fifo 0", "other 3", "deadlin", "rr 100"])
 def test_bad_policies(text: str) -> None:
     with pytest.raises(ValueError):
-        workloads.parse_policy(text)
+        taskattrs.parse_policy(text)
 
 
 def test_task_keys() -> None:
@@ -253,9 +253,9 @@ def test_fixture_roots_get_the_fake_backend(node: pathlib.Path) -> None:
     import os
 
     (node / "proc/self").symlink_to(str(os.getpid()))
-    assert not workloads.is_live(node)
-    assert isinstance(workloads.backend_for(node), workloads.FakeBackend)
-    assert workloads.is_live(pathlib.Path("/")) == pathlib.Path("/proc/self").exists()
+    assert not taskattrs.is_live(node)
+    assert isinstance(taskattrs.backend_for(node), taskattrs.FakeBackend)
+    assert taskattrs.is_live(pathlib.Path("/")) == pathlib.Path("/proc/self").exists()
 
 
 def test_hybrid_pod_dirs_without_processes_in_the_unified_tree(tmp_path: pathlib.Path) -> None:
