@@ -19,7 +19,6 @@ from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, registry
 from agentlat.tuners.kernel import hostfs
 
-OK_OUTCOMES = frozenset({"Applied", "Unchanged", "Reverted"})
 WriteHook = Callable[[int], None]
 
 _ERRNO_HINTS = {
@@ -39,7 +38,7 @@ _ERRNO_HINTS = {
 class Result:
     tuner: str
     target: str
-    outcome: str
+    outcome: plan.Outcome
     detail: str = ""
     errno: int | None = None
     before: str | None = None
@@ -47,7 +46,7 @@ class Result:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in OK_OUTCOMES
+        return self.outcome in plan.OK_OUTCOMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ class Report:
     def complete(self) -> bool:
         return not self.stopped and all(result.ok for result in self.results)
 
-    def count(self, outcome: str) -> int:
+    def count(self, outcome: plan.Outcome) -> int:
         return sum(1 for result in self.results if result.outcome == outcome)
 
 
@@ -209,7 +208,7 @@ def drift(journal: journal.Journal, root: pathlib.Path) -> list[Drift]:
 
 
 def _verified(tuner: base.Tuner, root: pathlib.Path, target: str, desired: str, before: str | None,
-              outcome: str) -> Result:
+              outcome: plan.Outcome) -> Result:
     try:
         instead = tuner.verify(root, target, desired)
     except (OSError, base.Unsupported) as exc:

@@ -17,10 +17,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
+
+from agentlat.operator.model import plan
 
 DEFAULT_STATE_DIR = pathlib.Path("/var/lib/agentlat")
-OUTCOMES = frozenset({"Applied", "Unchanged", "Unsupported", "Failed", "Contested"})
+RECORDED: Final = plan.OUTCOMES - {"Reverted"}  # what an apply records; revert forgets the row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS originals (
@@ -57,7 +59,7 @@ class Entry:
     policy: str
     generation: int
     boot_id: str
-    outcome: str | None  # None until the first `record_outcome`
+    outcome: plan.Outcome | None  # None until the first `record_outcome`
     detail: str
     recorded_at: float  # when the original was recorded
     updated_at: float  # when desired/policy/generation were last recorded
@@ -140,9 +142,9 @@ class Journal:
             (tuner, target, self.boot_id, original, desired, policy, generation, now, now),
         )
 
-    def record_outcome(self, tuner: str, target: str, outcome: str, detail: str) -> None:
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}; expected one of {sorted(OUTCOMES)}")
+    def record_outcome(self, tuner: str, target: str, outcome: plan.Outcome, detail: str) -> None:
+        if outcome not in RECORDED:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {sorted(RECORDED)}")
         updated = self._execute(
             "UPDATE originals SET outcome = ?, detail = ? WHERE tuner = ? AND target = ? AND boot_id = ?",
             (outcome, detail, tuner, target, self.boot_id),

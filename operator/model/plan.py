@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Final, Literal, get_args
 
 from agentlat.tuners.kernel import cpulist
+
+# What became of one action (or one journaled original, on revert).
+Outcome = Literal["Applied", "Unchanged", "Unsupported", "Failed", "Contested", "Reverted"]
+OUTCOMES: Final = frozenset[Outcome](get_args(Outcome))
+OK_OUTCOMES: Final = frozenset[Outcome](("Applied", "Unchanged", "Reverted"))
 
 
 @dataclasses.dataclass(frozen=True)
