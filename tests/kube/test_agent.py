@@ -16,7 +16,7 @@ import prometheus_client
 import pytest
 
 from agentlat.operator import _kube, agent, daemon, engine, errors, metrics, plan, policy, profiles
-from tests.kube import apiserver
+from tests.fakeapi import apiserver
 from tests.kube.test_e2e import IRQ, Node, applied, condition, profile, start_node, tree
 
 pytestmark = pytest.mark.kube

@@ -19,7 +19,7 @@ import pytest
 
 from agentlat.operator import agent, context, controller, daemon, metrics, profiles, uevents, uninstall
 from agentlat.tuners import irq
-from tests.kube import apiserver, rbac
+from tests.fakeapi import apiserver, rbac
 
 pytestmark = pytest.mark.kube
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tests.kube import openapi
+from tests.fakeapi import openapi
 
 
 class ApiError(Exception):

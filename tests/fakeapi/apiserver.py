@@ -4,7 +4,7 @@ for Kopf (aiohttp client) and the ``kubernetes`` python client to run against it
 It is an aiohttp server on 127.0.0.1 (ephemeral port) running its own event loop in a daemon thread,
 so synchronous clients, Kopf in another thread, and pytest's own loop can all talk to it.
 
-Typical use (``tests/kube/conftest.py`` wraps all of this in fixtures)::
+Typical use (``tests/fakeapi/fixtures.py`` wraps all of this in fixtures)::
 
     server = apiserver.ApiServer(crd_paths=[repo / "crds"], rbac_documents=rbac.load_documents(rules))
     server.start()
@@ -18,7 +18,7 @@ Connecting Kopf (preferred: a login handler, no kubeconfig or env mutation)::
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(server.kopf_login("agentlat-system", "agentlat-controller"))
     # ... register handlers on the same registry, then run kopf.operator(registry=registry,
-    # clusterwide=True, standalone=True, ...) -- see ``tests/kube/kopfthread.py``.
+    # clusterwide=True, standalone=True, ...) -- see ``tests/fakeapi/kopfthread.py``.
 
 or write a kubeconfig with ``server.write_kubeconfig(path, namespace, name)`` and point ``KUBECONFIG``
 at it (Kopf's default login handlers then pick it up via the kubernetes client).
@@ -61,7 +61,7 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
-from tests.kube import rbac, registry, resources, selectors, status, storage
+from tests.fakeapi import rbac, registry, resources, selectors, status, storage
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 TRUE = ("true", "1", "t", "True", "TRUE")

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tests.kube import openapi, patches, resources, selectors, status, storage
+from tests.fakeapi import openapi, patches, resources, selectors, status, storage
 
 SYSTEM_META = (
     "uid",
