@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tests.fakeapi import openapi, patches, resources, selectors, status, storage
+from tests.fakeapi import openapi, patches, resources, selectors, status, storage, structural
 
 SYSTEM_META = (
     "uid",
@@ -132,6 +132,8 @@ class Registry:
                 warnings += [f'unknown field "{path}"' for path in outcome.unknown]
             errors += outcome.errors
         if rt.key == resources.CRD_KEY:
+            errors += structural.check_crd(obj)
+        if rt.key == resources.CRD_KEY and not errors:
             try:
                 resources.from_crd(obj, self.catalogue.cel)
             except (openapi.SchemaError, KeyError, TypeError) as exc:
