@@ -64,7 +64,7 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
-from tests.fakeapi import openapidocs, rbac, registry, resources, selectors, status, storage, tables
+from tests.fakeapi import openapidocs, protobuf, rbac, registry, resources, selectors, status, storage, tables
 from tests.fakeapi import tls as tls_module
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -651,7 +651,7 @@ class ApiServer:
             )
             allowed = self.authorizer.allows(user, attrs)
         answer = {**body, "metadata": {**(body.get("metadata") or {}), "creationTimestamp": None}}
-        answer["status"] = {"allowed": allowed} if allowed else {"allowed": False, "reason": "no RBAC rule allows it"}
+        answer["status"] = {"allowed": allowed}
         return answer
 
     def _sync_rbac(self) -> None:
@@ -867,6 +867,14 @@ async def _read_body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
         return None
+    if request.headers.get("Content-Type", "").startswith(protobuf.CONTENT_TYPE):
+        try:
+            decoded = protobuf.decode(raw)
+        except (ValueError, IndexError) as exc:
+            raise status.bad_request(f"protobuf body not understood: {exc}") from exc
+        if decoded is None:
+            raise status.unsupported_media_type(protobuf.CONTENT_TYPE, ("application/json", "application/yaml"))
+        return decoded
     try:
         return json.loads(raw)
     except ValueError:
