@@ -74,9 +74,9 @@ class Validator:
 
     def _cel_problems(self, schema: dict[str, Json], value: Json, path: str) -> Iterator[errors.Problem]:
         for rule in schema.get("x-kubernetes-validations", ()):
-            if not self._rule_holds(rule["rule"], value):
+            if not self._evaluate(rule["rule"], value):
                 where = path + rule.get("fieldPath", "")
-                yield errors.Problem(where.lstrip("."), rule.get("message", f"failed rule: {rule['rule']}"))
+                yield errors.Problem(where.lstrip("."), self._message(rule, value))
         if isinstance(value, dict):
             for key, sub in schema.get("properties", {}).items():
                 if key in value and value[key] is not None:
@@ -85,9 +85,17 @@ class Validator:
             for index, item in enumerate(value):
                 yield from self._cel_problems(schema["items"], item, f"{path}[{index}]")
 
-    def _rule_holds(self, rule: str, value: Json) -> bool:
-        program = _compiled(self._cel, rule)
-        return bool(program.evaluate({"self": celpy.json_to_cel(value)}))  # type: ignore[attr-defined]
+    def _evaluate(self, expression: str, value: Json) -> Any:
+        program = _compiled(self._cel, expression)
+        return program.evaluate({"self": celpy.json_to_cel(value)})  # type: ignore[attr-defined]
+
+    def _message(self, rule: dict[str, Json], value: Json) -> str:
+        """``messageExpression`` when it yields a string (as the API server does), else ``message``."""
+        if "messageExpression" in rule:
+            text = self._evaluate(rule["messageExpression"], value)
+            if isinstance(text, str) and text:
+                return str(text)
+        return str(rule.get("message", f"failed rule: {rule['rule']}"))
 
 
 _PROGRAMS: dict[str, Any] = {}

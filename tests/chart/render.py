@@ -12,7 +12,7 @@ binary and no cluster. The calls used here and in the chart tests:
 - ``helm_python.lint(path, values, strict=True, namespace=, kube_version=)`` -> ``{"messages": [{"severity",
   "path", "error"}], "errors": [...]}`` (severity 1 info, 2 warning, 3 error), as ``helm lint --strict``.
 
-The API-level harness (``tests/kube``) can authorize requests with the chart's RBAC instead of
+The API-level harness (``tests/fakeapi``) can authorize requests with the chart's RBAC instead of
 ``tests/kube/rbac-rules.yaml``::
 
     from tests.chart import render

@@ -339,7 +339,7 @@ def test_peering_object_crds_and_hooks(default_docs: list[dict[str, Any]]) -> No
     assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
     assert all("app.kubernetes.io/name" not in c["metadata"]["labels"] for c in crds)
     harness_copy = [
-        d for d in yaml.safe_load_all((REPO / "tests/kube/testdata/crds/kopf-peering.yaml").read_text()) if d
+        d for d in yaml.safe_load_all((REPO / "tests/fakeapi/testdata/crds/kopf-peering.yaml").read_text()) if d
     ]
     assert [c["spec"] for c in crds] == [d["spec"] for d in harness_copy]
     (peering,) = render.of_kind(docs, "ClusterKopfPeering")

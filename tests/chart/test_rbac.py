@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.chart import render
-from tests.kube import apiserver, rbac
+from tests.fakeapi import apiserver, rbac
 
 HARNESS_RULES = render.REPO / "tests" / "kube" / "rbac-rules.yaml"
 NS = render.NAMESPACE

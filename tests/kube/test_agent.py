@@ -21,7 +21,7 @@ from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import agent, profiles
 from agentlat.operator.kube import client as _kube
 from agentlat.operator.model import errors, plan, policy
-from tests.kube import apiserver
+from tests.fakeapi import apiserver
 from tests.kube.test_e2e import IRQ, Node, applied, condition, profile, start_node, tree
 
 pytestmark = pytest.mark.kube

@@ -14,7 +14,7 @@ import kubernetes.client
 import pytest
 
 from agentlat.operator.kube import controller, profiles, uninstall
-from tests.kube import apiserver
+from tests.fakeapi import apiserver
 
 pytestmark = pytest.mark.kube
 

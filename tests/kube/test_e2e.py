@@ -23,7 +23,7 @@ from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import agent, controller, profiles, uninstall
 from agentlat.tuners import irq
 from agentlat.tuners.kernel import uevents
-from tests.kube import apiserver, rbac
+from tests.fakeapi import apiserver, rbac
 
 pytestmark = pytest.mark.kube
 

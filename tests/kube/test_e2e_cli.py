@@ -17,7 +17,7 @@ import kubernetes.client
 import pytest
 
 from agentlat.operator.kube import profiles
-from tests.kube import apiserver
+from tests.fakeapi import apiserver
 from tests.kube.test_e2e import IRQ, applied, policy_body, tree
 
 pytestmark = pytest.mark.kube

@@ -4,7 +4,7 @@ for Kopf (aiohttp client) and the ``kubernetes`` python client to run against it
 It is an aiohttp server on 127.0.0.1 (ephemeral port) running its own event loop in a daemon thread,
 so synchronous clients, Kopf in another thread, and pytest's own loop can all talk to it.
 
-Typical use (``tests/kube/conftest.py`` wraps all of this in fixtures)::
+Typical use (``tests/fakeapi/fixtures.py`` wraps all of this in fixtures)::
 
     server = apiserver.ApiServer(crd_paths=[repo / "crds"], rbac_documents=rbac.load_documents(rules))
     server.start()
@@ -18,7 +18,7 @@ Connecting Kopf (preferred: a login handler, no kubeconfig or env mutation)::
     registry = kopf.OperatorRegistry()
     kopf.on.login(registry=registry)(server.kopf_login("agentlat-system", "agentlat-controller"))
     # ... register handlers on the same registry, then run kopf.operator(registry=registry,
-    # clusterwide=True, standalone=True, ...) -- see ``tests/kube/kopfthread.py``.
+    # clusterwide=True, standalone=True, ...) -- see ``tests/fakeapi/kopfthread.py``.
 
 or write a kubeconfig with ``server.write_kubeconfig(path, namespace, name)`` and point ``KUBECONFIG``
 at it (Kopf's default login handlers then pick it up via the kubernetes client).
@@ -45,12 +45,15 @@ GC runs synchronously; server-side apply is not supported.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import dataclasses
 import json
 import pathlib
 import secrets
+import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -61,7 +64,8 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
-from tests.kube import rbac, registry, resources, selectors, status, storage
+from tests.fakeapi import openapidocs, protobuf, rbac, registry, resources, selectors, status, storage, tables
+from tests.fakeapi import tls as tls_module
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
 TRUE = ("true", "1", "t", "True", "TRUE")
@@ -164,11 +168,19 @@ class ApiServer:
         default_field_validation: str = "Strict",
         host: str = "127.0.0.1",
         port: int = 0,
+        tls: bool = False,
     ) -> None:
         self.catalogue = resources.Catalogue()
         self.store = storage.Store(history_limit)
         self.registry = registry.Registry(self.store, self.catalogue)
-        self.authorizer = rbac.Authorizer(rbac_documents)
+        self._rbac_seed = [dict(doc) for doc in rbac_documents]
+        self.authorizer = rbac.Authorizer(self._rbac_seed)
+        self.tls = tls_bundle = tls_module.generate() if tls else None
+        self._ca_file = ""
+        if tls_bundle is not None:
+            handle, self._ca_file = tempfile.mkstemp(prefix="harness-ca-", suffix=".crt")
+            with open(handle, "wb") as stream:
+                stream.write(tls_bundle.ca_pem)
         self.bookmark_interval = bookmark_interval
         self.watch_timeout = watch_timeout
         self.default_field_validation = default_field_validation
@@ -225,10 +237,11 @@ class ApiServer:
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        context: ssl.SSLContext | None = self.tls.server_context() if self.tls is not None else None
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=context)
         await site.start()
         host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if context else 'http'}://{host}:{port}"
 
     def stop(self) -> None:
         loop, thread = self._loop, self._thread
@@ -241,6 +254,8 @@ class ApiServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         self._loop = self._thread = None
+        if self._ca_file:
+            pathlib.Path(self._ca_file).unlink(missing_ok=True)
 
     def __enter__(self) -> ApiServer:
         return self.start()
@@ -270,6 +285,8 @@ class ApiServer:
     def configuration(self, namespace: str | None = None, name: str | None = None) -> kubernetes.client.Configuration:
         """A ``kubernetes`` client configuration for a ServiceAccount (admin when none is given)."""
         config = kubernetes.client.Configuration(host=self.url)
+        if self._ca_file:
+            config.ssl_ca_cert = self._ca_file
         config.api_key = {"BearerToken": self._token(namespace, name)}
         config.api_key_prefix = {"BearerToken": "Bearer"}
         return config
@@ -278,7 +295,12 @@ class ApiServer:
         return kubernetes.client.ApiClient(self.configuration(namespace, name))
 
     def connection_info(self, namespace: str, name: str) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=self.url, token=self.token_for(namespace, name), default_namespace=namespace)
+        return kopf.ConnectionInfo(
+            server=self.url,
+            token=self.token_for(namespace, name),
+            default_namespace=namespace,
+            ca_data=self.tls.ca_pem if self.tls is not None else None,
+        )
 
     def kopf_login(self, namespace: str, name: str) -> Callable[..., kopf.ConnectionInfo]:
         """A function to register with ``kopf.on.login(registry=...)`` to log in as that ServiceAccount."""
@@ -297,7 +319,7 @@ class ApiServer:
             "apiVersion": "v1",
             "kind": "Config",
             "current-context": "harness",
-            "clusters": [{"name": "harness", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "harness", "cluster": self._cluster_entry()}],
             "users": [{"name": user, "user": {"token": self._token(namespace, name)}}],
             "contexts": [
                 {
@@ -308,6 +330,17 @@ class ApiServer:
         }
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
         return path
+
+    @property
+    def ca_file(self) -> str:
+        """Path of the CA certificate (PEM) when serving TLS, else ``""``."""
+        return self._ca_file
+
+    def _cluster_entry(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"server": self.url}
+        if self.tls is not None:
+            entry["certificate-authority-data"] = base64.b64encode(self.tls.ca_pem).decode()
+        return entry
 
     # ----------------------------------------------------------------------- observation
 
@@ -461,7 +494,7 @@ class ApiServer:
                 return web.Response(status=503)  # never reaches the client
             if self._outage == "unavailable":
                 raise status.unavailable()
-            user = self._authenticate(request)
+            user = self._impersonate(request, self._authenticate(request))
             record = dataclasses.replace(record, user=user.name)
             parts = [p for p in request.path.split("/") if p]
             answer = self._discover(parts)
@@ -509,11 +542,50 @@ class ApiServer:
             raise status.unauthorized()
         return user
 
+    def _impersonate(self, request: web.Request, user: rbac.User) -> rbac.User:
+        """Honour ``Impersonate-User``/``Impersonate-Group`` if RBAC lets ``user`` impersonate them."""
+        name = request.headers.get("Impersonate-User", "")
+        groups = request.headers.getall("Impersonate-Group", [])
+        if not name:
+            if groups:
+                raise status.bad_request("requested impersonation of groups without a user")
+            return user
+        checks: list[rbac.Attributes] = []
+        parts = name.split(":")
+        if len(parts) == 4 and parts[:2] == ["system", "serviceaccount"]:
+            checks.append(rbac.Attributes("impersonate", "", "serviceaccounts", namespace=parts[2], name=parts[3]))
+            target = rbac.service_account_user(parts[2], parts[3])
+            base_groups = () if groups else target.groups
+        else:
+            checks.append(rbac.Attributes("impersonate", "", "users", name=name))
+            base_groups = ()
+        checks += [rbac.Attributes("impersonate", "", "groups", name=g) for g in groups]
+        for attrs in checks:
+            if not self.authorizer.allows(user, attrs):
+                raise status.forbidden(
+                    rbac.forbidden_message(user, attrs, attrs.resource), "", attrs.resource, attrs.name
+                )
+        wanted = tuple(dict.fromkeys([*base_groups, *groups, "system:authenticated"]))
+        return rbac.User(name, wanted)
+
     def _non_resource(self, parts: list[str]) -> web.Response:
         if parts == ["version"]:
             return _json(VERSION_INFO)
+        if parts[:1] == ["openapi"]:
+            return self._openapi(parts[1:])
         if parts and parts[0] in ("healthz", "readyz", "livez"):
             return web.Response(text="ok", content_type="text/plain")
+        raise status.no_route()
+
+    def _openapi(self, parts: list[str]) -> web.Response:
+        if parts == ["v2"]:
+            return _json(openapidocs.v2_document(self.catalogue))
+        if parts == ["v3"]:
+            return _json(openapidocs.v3_root(self.catalogue))
+        if parts[:1] == ["v3"]:
+            doc = openapidocs.v3_document(self.catalogue, "/".join(parts[1:]))
+            if doc is not None:
+                return _json(doc)
         raise status.no_route()
 
     @staticmethod
@@ -543,6 +615,9 @@ class ApiServer:
             name=name,
         )
         group_resource = f"{route.plural}.{route.group}" if route.group else route.plural
+        if (route.group, route.plural) == (resources.AUTHZ, "selfsubjectaccessreviews") and verb == "create":
+            review = self._review(await _read_body(request), user)
+            return self._finish(record, _json(review, 201))
         if not self.authorizer.allows(user, attrs):
             expected = self.allow_violations or self._expecting_forbidden > 0
             self._record(dataclasses.replace(record, code=403, forbidden=True, expected=expected))
@@ -554,6 +629,44 @@ class ApiServer:
             return await self._serve_resource(request, route, record, verb)
         except status.ApiError as exc:
             return self._finish(record, _json(exc.status(), exc.code))
+
+    def _review(self, body: Any, user: rbac.User) -> dict[str, Any]:
+        """A (Self)SubjectAccessReview answered by the RBAC authorizer."""
+        if not isinstance(body, dict):
+            raise status.bad_request("Object in request body is not a SubjectAccessReview")
+        spec = body.get("spec") or {}
+        if "user" in spec:
+            user = rbac.User(spec["user"], tuple(spec.get("groups") or ()))
+        found = spec.get("resourceAttributes")
+        if found is None:
+            allowed = bool(spec.get("nonResourceAttributes"))  # discovery-like paths are open to everyone
+        else:
+            attrs = rbac.Attributes(
+                found.get("verb", ""),
+                found.get("group", ""),
+                found.get("resource", ""),
+                found.get("subresource", ""),
+                found.get("namespace", ""),
+                found.get("name", ""),
+            )
+            allowed = self.authorizer.allows(user, attrs)
+        answer = {**body, "metadata": {**(body.get("metadata") or {}), "creationTimestamp": None}}
+        answer["status"] = {"allowed": allowed}
+        return answer
+
+    def _sync_rbac(self) -> None:
+        """RBAC objects written through the API count from now on (as well as the seeded documents)."""
+        stored = [
+            {**obj, "kind": kind}
+            for plural, kind in (
+                ("clusterroles", "ClusterRole"),
+                ("clusterrolebindings", "ClusterRoleBinding"),
+                ("roles", "Role"),
+                ("rolebindings", "RoleBinding"),
+            )
+            for obj in self.objects(plural, resources.RBAC)
+        ]
+        self.authorizer = rbac.Authorizer([*self._rbac_seed, *stored])
 
     async def _serve_resource(
         self, request: web.Request, route: _Route, record: RequestRecord, verb: str
@@ -567,13 +680,27 @@ class ApiServer:
             return await self._watch(request, rt, route, record)
         body = await _read_body(request) if request.method in ("POST", "PUT", "PATCH", "DELETE") else None
         answer, code, warnings = self._dispatch(request, rt, route, verb, body)
+        if route.group == resources.RBAC and verb not in ("get", "list"):
+            self._sync_rbac()
+        if verb in ("get", "list") and tables.wants_table(request.headers.get("Accept", "")):
+            answer = self._table(rt, route.version, answer, verb, request.query.get("includeObject", "Metadata"))
         return self._finish(record, _json(answer, code, warnings))
+
+    def _table(
+        self, rt: resources.ResourceType, version: str, answer: dict[str, Any], verb: str, include: str
+    ) -> dict[str, Any]:
+        v = rt.version(version)
+        columns = v.printer_columns if v is not None else ()
+        items = [answer] if verb == "get" else answer.get("items") or []
+        meta = {} if verb == "get" else answer.get("metadata") or {}
+        return tables.table(items, columns, meta, include_object=include)
 
     def _dispatch(
         self, request: web.Request, rt: resources.ResourceType, route: _Route, verb: str, body: Any
     ) -> tuple[dict[str, Any], int, list[str]]:
         """Run one non-watch verb; return (response body, HTTP code, warnings)."""
-        params, reg, opts = request.query, self.registry, self._options(request.query)
+        params, reg = request.query, self.registry
+        opts = self._options(request.query, request.headers.get("User-Agent", ""))
         ns, version, name, sub = (
             route.namespace if rt.namespaced else "",
             route.version,
@@ -613,11 +740,16 @@ class ApiServer:
             return reg.delete(rt, version, ns, name, delete_options, opts).obj, 200, []
         return reg.delete_collection(rt, version, ns or None, labels, fields, delete_options, opts), 200, []
 
-    def _options(self, params: Mapping[str, str]) -> registry.Options:
+    def _options(self, params: Mapping[str, str], user_agent: str = "") -> registry.Options:
         mode = params.get("fieldValidation") or self.default_field_validation
         if mode not in ("Ignore", "Warn", "Strict"):
             raise status.bad_request(f"fieldValidation must be one of Ignore, Warn, Strict; got {mode!r}")
-        return registry.Options(field_validation=mode, dry_run=params.get("dryRun") == "All")
+        return registry.Options(
+            field_validation=mode,
+            dry_run=params.get("dryRun") == "All",
+            manager=params.get("fieldManager") or user_agent.split("/")[0],
+            force=params.get("force", "") in TRUE,
+        )
 
     async def _watch(
         self, request: web.Request, rt: resources.ResourceType, route: _Route, record: RequestRecord
@@ -735,6 +867,14 @@ async def _read_body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw:
         return None
+    if request.headers.get("Content-Type", "").startswith(protobuf.CONTENT_TYPE):
+        try:
+            decoded = protobuf.decode(raw)
+        except (ValueError, IndexError) as exc:
+            raise status.bad_request(f"protobuf body not understood: {exc}") from exc
+        if decoded is None:
+            raise status.unsupported_media_type(protobuf.CONTENT_TYPE, ("application/json", "application/yaml"))
+        return decoded
     try:
         return json.loads(raw)
     except ValueError:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from tests.kube import openapi, patches, resources, selectors, status, storage
+from tests.fakeapi import apply, kubeschemas, openapi, patches, resources, selectors, status, storage, structural
 
 SYSTEM_META = (
     "uid",
@@ -50,6 +50,25 @@ def _generated_name(prefix: str) -> str:
 class Options:
     field_validation: str = "Strict"
     dry_run: bool = False
+    manager: str = ""  # fieldManager (or what the user agent implies)
+    force: bool = False  # server-side apply: take conflicting fields
+    applying: bool = False  # the write is a server-side apply (managedFields come with it)
+
+
+# Built-in kinds validated against the real Kubernetes schemas (the chart's kinds).
+VALIDATED = frozenset(
+    {
+        ("apps", "deployments"),
+        ("apps", "daemonsets"),
+        ("batch", "jobs"),
+        ("", "services"),
+        ("", "secrets"),
+        ("", "configmaps"),
+        ("", "serviceaccounts"),
+        ("", "namespaces"),
+        *((resources.RBAC, plural) for plural in ("clusterroles", "clusterrolebindings", "roles", "rolebindings")),
+    }
+)
 
 
 @dataclasses.dataclass
@@ -131,7 +150,16 @@ class Registry:
             if opts.field_validation == "Warn":
                 warnings += [f'unknown field "{path}"' for path in outcome.unknown]
             errors += outcome.errors
+        if rt.key in VALIDATED:
+            found, unknown = kubeschemas.problems(obj)
+            if unknown and opts.field_validation == "Strict":
+                raise status.strict_decoding(rt.kind, version, unknown)
+            if opts.field_validation == "Warn":
+                warnings += [f'unknown field "{path}"' for path in unknown]
+            errors += found
         if rt.key == resources.CRD_KEY:
+            errors += structural.check_crd(obj)
+        if rt.key == resources.CRD_KEY and not errors:
             try:
                 resources.from_crd(obj, self.catalogue.cel)
             except (openapi.SchemaError, KeyError, TypeError) as exc:
@@ -231,7 +259,7 @@ class Registry:
             "deletionGracePeriodSeconds",
             "generation",
             "selfLink",
-            "managedFields",
+            *(() if opts.applying else ("managedFields",)),
         ):
             meta.pop(key, None)
         if rt.custom and self.has_status(rt, version):
@@ -312,8 +340,10 @@ class Registry:
     ) -> Result:
         content_type = content_type.split(";")[0].strip()
         accepted = CR_PATCH_TYPES if rt.custom else (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH)
-        if content_type not in accepted or content_type == APPLY_PATCH:
+        if content_type not in accepted:
             raise status.unsupported_media_type(content_type, accepted)
+        if content_type == APPLY_PATCH:
+            return self._apply(rt, version, namespace, name, patch, subresource, opts)
 
         def make(current: dict[str, Any]) -> dict[str, Any]:
             try:
@@ -355,6 +385,10 @@ class Registry:
                     f"the name of the object ({body['metadata']['name']}) does not match the name on the URL ({name})"
                 )
             new = self._prepare_update(rt, version, subresource, current, body)
+            if opts.applying:
+                new["metadata"]["managedFields"] = body["metadata"]["managedFields"]
+            else:
+                apply.record_update(current, new, opts.manager, subresource)
             self._check_finalizers(rt, current, new)
             warnings = self._admit(rt, version, new, self.render(rt, version, current), opts)
             if rt.custom and self._spec_changed(rt, version, current, new):
@@ -372,6 +406,46 @@ class Registry:
             else:
                 self.store.write(rt.key, "MODIFIED", new, current)
             return Result(self.render(rt, version, new), warnings)
+
+    def _apply(
+        self,
+        rt: resources.ResourceType,
+        version: str,
+        namespace: str,
+        name: str,
+        patch: Any,
+        subresource: str,
+        opts: Options,
+    ) -> Result:
+        if not opts.manager:
+            raise status.invalid(
+                rt.group,
+                rt.kind,
+                name,
+                [openapi.FieldError("Required", "fieldManager", detail="is required for apply patch")],
+            )
+        applied = self._decode(rt, version, patch)
+        if applied["metadata"].get("name", name) != name:
+            raise status.bad_request(
+                f"the name of the object ({applied['metadata'].get('name')}) does not match the name on the URL "
+                f"({name})"
+            )
+        applied["metadata"]["name"] = name
+        opts = dataclasses.replace(opts, applying=True)
+        with self.store.lock:
+            if self.store.get(rt.key, namespace, name) is None:
+                if subresource:
+                    raise status.not_found(rt.group, rt.plural, name)
+                body = apply.apply(None, applied, opts.manager, force=opts.force)
+                return self.create(rt, version, namespace, body, opts)
+
+            def make(current: dict[str, Any]) -> dict[str, Any]:
+                try:
+                    return apply.apply(current, applied, opts.manager, force=opts.force, sub=subresource)
+                except apply.Conflicts as exc:
+                    raise status.apply_conflict(exc.conflicts, rt.api_version(version)) from exc
+
+            return self._modify(rt, version, namespace, name, subresource, make, opts)
 
     def _prepare_update(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from tests.kube import openapi
+from tests.fakeapi import openapi
 
 
 class ApiError(Exception):
@@ -142,4 +142,22 @@ def gone(message: str) -> ApiError:
 def unavailable() -> ApiError:
     return ApiError(
         503, "ServiceUnavailable", "the server is currently unable to handle the request (simulated outage)"
+    )
+
+
+def apply_conflict(conflicts: list[tuple[str, str]], api_version: str) -> ApiError:
+    """Server-side apply refused: fields other managers own with other values."""
+    causes = [
+        {"reason": "FieldManagerConflict", "message": f'conflict with "{manager}" using {api_version}', "field": field}
+        for manager, field in conflicts
+    ]
+    listed = "\n".join(f"- {c['message']}: {c['field']}" for c in causes)
+    count = f"{len(causes)} conflict" + ("s" if len(causes) > 1 else "")
+    return ApiError(
+        409,
+        "Conflict",
+        f"Apply failed with {count}: {listed}"
+        if len(causes) > 1
+        else f"Apply failed with {count}: {causes[0]['message']}: {causes[0]['field']}",
+        {"causes": causes},
     )

@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from tests.kube import apiserver
+from tests.fakeapi import apiserver
 
 
 def quick_settings() -> kopf.OperatorSettings:

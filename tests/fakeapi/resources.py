@@ -8,12 +8,15 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from tests.kube import openapi
+from tests.fakeapi import openapi
 
 CRUD = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
 STATUS_VERBS = ("get", "patch", "update")
 COMMON_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
+RBAC = "rbac.authorization.k8s.io"
+AUTHZ = "authorization.k8s.io"
+REVIEWS = frozenset({(AUTHZ, "selfsubjectaccessreviews"), (AUTHZ, "subjectaccessreviews")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,7 @@ class Version:
     schema: Mapping[str, Any] | None = None  # openAPIV3Schema; None: no validation (built-ins)
     status: bool = False  # has the status subresource
     selectable: frozenset[str] = frozenset()  # extra field-selector keys
+    printer_columns: tuple[Mapping[str, Any], ...] = ()  # additionalPrinterColumns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,17 @@ BUILTINS = (
         ),
     ),
     _builtin("coordination.k8s.io", "v1", "leases", "Lease", True),
+    _builtin("", "v1", "secrets", "Secret", True, fields=("type",)),
+    _builtin("", "v1", "services", "Service", True, short=("svc",), status=True, categories=("all",)),
+    _builtin("apps", "v1", "deployments", "Deployment", True, short=("deploy",), status=True, categories=("all",)),
+    _builtin("apps", "v1", "daemonsets", "DaemonSet", True, short=("ds",), status=True, categories=("all",)),
+    _builtin("batch", "v1", "jobs", "Job", True, status=True, categories=("all",)),
+    _builtin(RBAC, "v1", "clusterroles", "ClusterRole", False),
+    _builtin(RBAC, "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    _builtin(RBAC, "v1", "roles", "Role", True),
+    _builtin(RBAC, "v1", "rolebindings", "RoleBinding", True),
+    _builtin(AUTHZ, "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", False, verbs=("create",)),
+    _builtin(AUTHZ, "v1", "subjectaccessreviews", "SubjectAccessReview", False, verbs=("create",)),
     ResourceType(
         group="apiextensions.k8s.io",
         plural="customresourcedefinitions",
@@ -187,7 +202,9 @@ def from_crd(crd: Mapping[str, Any], cel: openapi.CelRules) -> ResourceType:
         }
         cel.compile_schema(schema)
         selectable = frozenset(f["jsonPath"].lstrip(".") for f in v.get("selectableFields") or [])
-        versions.append(Version(v["name"], schema, "status" in (v.get("subresources") or {}), selectable))
+        status = "status" in (v.get("subresources") or {})
+        columns = tuple(v.get("additionalPrinterColumns") or ())
+        versions.append(Version(v["name"], schema, status, selectable, columns))
     versions.sort(key=lambda v: version_priority(v.name))
     return ResourceType(
         group=spec["group"],
