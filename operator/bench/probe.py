@@ -14,6 +14,9 @@ The probe runs as `python -m agentlat.operator.bench.probe` with comm "agent-pro
 processes with comm "agent-probe-peer" (the kernel keeps 15 bytes: "agent-probe-pee"). It sets
 everything up, reports "ready", and measures only after "go", so a policy can be applied by comm in
 between (start() / ProbeProcess.go()). Nothing here needs root; with root the probe mlocks itself.
+
+One module on purpose (~700 lines): it is a program run in its own process, and the parent's control side
+and the child's measuring loop share its wire format and stage definitions.
 """
 
 from __future__ import annotations

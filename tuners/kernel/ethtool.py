@@ -15,6 +15,9 @@ Falls back to the legacy ``SIOCETHTOOL`` ioctl when the kernel has no ``ethtool`
 
 pyroute2 supplies only message encoding/decoding; requests go over a plain blocking socket, so this
 works from any thread, including one running an asyncio loop.
+
+One module on purpose (~550 lines): the netlink messages, their transport and the ioctl fallback share
+one table of coalescing parameters, and each transport's quirks above are only checkable side by side.
 """
 
 from __future__ import annotations
