@@ -529,7 +529,7 @@ def test_drift_guard_spends_tokens_refills_and_flags_flapping() -> None:
 
 
 def test_scoped_reads_see_only_the_device_and_its_pci_function(vm: pathlib.Path) -> None:
-    from agentlat.operator.daemon import scope
+    from agentlat.operator.daemon import devices as scope
     from agentlat.operator.model import host
 
     loop = host.read(vm, scope.ScopedFS(vm, scope.Scope(blockdevs=frozenset({"loop0"}))))

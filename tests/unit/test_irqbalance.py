@@ -38,7 +38,9 @@ def irqbalance_mask(cpus: frozenset[int]) -> str:
 
 
 class FakeIrqbalance:
-    """The control socket of irqbalance >= 1.8 (irqbalance.c sock_handle), served from a thread."""
+    """The control socket of irqbalance >= 1.8 (irqbalance.c sock_handle), served from a thread. Its answer
+    to ``setup`` is also recorded next to the socket, as a host tree holds it (discovery on a tree reads
+    that, and never talks to a socket)."""
 
     def __init__(self, path: pathlib.Path, banned: frozenset[int] = frozenset(), *, auto: frozenset[int] = frozenset(),
                  sleep: int = 10, uid: int | None = None) -> None:
@@ -56,6 +58,8 @@ class FakeIrqbalance:
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._server.listen(4)
         self._server.settimeout(0.05)
+        self.recorded = path.with_suffix(".setup")
+        self._record()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -66,13 +70,21 @@ class FakeIrqbalance:
 
     def rescan(self) -> None:
         self.banned = cpulist.parse(self.ui_ban) if self.ui_ban is not None else self.auto
+        self._record()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(GUARD)
         self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.recorded):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def answer(self) -> str:
+        return f"SLEEP {self.sleep} BANNED {irqbalance_mask(self.banned)}"
+
+    def _record(self) -> None:
+        self.recorded.write_text(self.answer())
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -97,7 +109,7 @@ class FakeIrqbalance:
             token = command[len("settings cpus "):].split()[0]
             self.ui_ban = None if token.startswith("NULL") else token
         elif command.startswith("setup"):
-            conn.sendall(f"SLEEP {self.sleep} BANNED {irqbalance_mask(self.banned)}".encode())
+            conn.sendall(self.answer().encode())
 
 
 @pytest.fixture
