@@ -118,6 +118,10 @@ class NodeDaemon:
     def snapshot(self) -> status.NodeState:
         return self._status.snapshot(self._drifts.view(self.clock()))
 
+    def hotplug_latencies(self) -> tuple[float, ...]:
+        """The last ``Options.latency_samples`` hotplug-to-tuned latencies (seconds), oldest first."""
+        return self._status.latencies()
+
     def reconcile_processes(self, pids: Iterable[int], received: float | None = None) -> None:
         """Queue a reaction for these processes (new, exec'd or renamed): planned with the others, applied
         to their threads (and, for an irqbalance, its ban) only."""

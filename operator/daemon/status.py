@@ -201,6 +201,11 @@ class Status:
         with self._lock:
             self._samples.append(seconds)
 
+    def latencies(self) -> tuple[float, ...]:
+        """The last hotplug-to-tuned latencies (seconds), oldest first."""
+        with self._lock:
+            return tuple(self._samples)
+
     def observe(self, root: pathlib.Path) -> None:
         """Experiment C, continuously: IRQ and softirq load on the agent CPUs and the run delay of agent
         tasks since the last look, published in the status and as metrics next to the latency budget."""
