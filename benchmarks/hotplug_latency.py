@@ -83,8 +83,7 @@ def ip(*lines: str) -> None:
 
 
 def samples_ms(node: daemon.NodeDaemon) -> list[float]:
-    with node._lock:  # the daemon keeps the last N latencies for its status
-        return [s * 1000 for s in node._samples]
+    return [s * 1000 for s in node.hotplug_latencies()]
 
 
 def row(name: str, values: list[float]) -> str:

@@ -5,8 +5,9 @@ irqbalance applies a new ban at its next rescan, and until then its ``setup`` an
 one. A ban this tuner sent is therefore read back as sent until a few rescan intervals have passed
 (``pending``); after that only what irqbalance reports counts, and a ban it dropped shows up as drift.
 
-Planning needs /proc and the socket (discovery is I/O), so ``plan`` yields nothing here:
-:func:`plan_for` plans it from what the daemon found.
+The instances and their bans are part of the host snapshot (``host.read`` finds them), so planning is
+pure like every other tuner's: ``agentlat plan``, ``apply``, ``run`` and the node agent plan the same ban.
+The registry puts this tuner first, so irqbalance stops moving IRQs before the IRQ tuner moves them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class IrqbalanceTuner:
         self._sleep: dict[tuple[str, int], int] = {}
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
-        return iter(())
+        return iter(plan_for(policy.irq.irqbalance, cpus, host.irqbalance))
 
     def read(self, root: pathlib.Path, target: str) -> str:
         pid = irqbalance.pid_of(target)

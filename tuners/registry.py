@@ -1,11 +1,12 @@
-"""Every tuner, in the order the engine applies them (IRQs before the devices they serve)."""
+"""Every tuner, in the order the engine applies them (irqbalance's ban before the IRQs it would move back,
+IRQs before the devices they serve)."""
 
 from __future__ import annotations
 
 from agentlat.tuners import base, blk, cgroup, irq, irqbalance, nic, rps, sched
 
-ALL: tuple[base.Tuner, ...] = (irq.TUNER, sched.TUNER, cgroup.TUNER, nic.TUNER, rps.TUNER, blk.TUNER,
-                               irqbalance.TUNER)
+ALL: tuple[base.Tuner, ...] = (irqbalance.TUNER, irq.TUNER, sched.TUNER, cgroup.TUNER, nic.TUNER, rps.TUNER,
+                               blk.TUNER)
 
 
 def by_name(name: str) -> base.Tuner:

@@ -5,6 +5,10 @@ read back. A crash at any point leaves a journal from which ``revert`` restores 
 Re-applying the same policy writes nothing; a changed policy keeps the first originals, and targets
 the new plan no longer wants are reverted (callers plan against :func:`original_view`, so "wanted"
 means "differs from the original", not "differs from now").
+
+``only`` confines an apply or revert to part of the host (one device, a few IRQs, some processes, drifted
+targets): the plan's actions outside it are not applied, and journal entries outside it are neither
+released nor written back, so a partial apply never touches the rest of the host.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import pathlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from agentlat.operator.core import context, journal
 from agentlat.operator.model import host, plan, policy, workloads
@@ -20,6 +24,8 @@ from agentlat.tuners import base, registry
 from agentlat.tuners.kernel import hostfs
 
 WriteHook = Callable[[int], None]
+Predicate = Callable[[str, str], bool]  # (tuner, target) -> in scope
+Only = Predicate | Collection[tuple[str, str]]  # a predicate, or the (tuner, target) pairs in scope
 
 _ERRNO_HINTS = {
     errno.ENOENT: "vanished (device or IRQ removed mid-pass)",
@@ -89,17 +95,20 @@ def original_host(root: pathlib.Path, journal: journal.Journal, selection: workl
 
 
 def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
-          policy: str, generation: int, after_write: WriteHook | None = None) -> Report:
+          policy: str, generation: int, after_write: WriteHook | None = None, only: Only | None = None) -> Report:
     """Release what the plan no longer wants first (a released io scheduler resets nr_requests, which a
-    later action may set again), then apply the plan in order."""
-    stale = journal.drop_stale_boots()
-    wanted = {(action.tuner, action.target) for action in the_plan.actions}
-    leftovers = {(e.tuner, e.target) for e in journal.entries() if (e.tuner, e.target) not in wanted}
+    later action may set again), then apply the plan in order. With ``only``, the applied policy and
+    generation and other boots' originals belong to the full apply and are left alone."""
+    keep = _selector(only)
+    stale = journal.drop_stale_boots() if keep is None else 0
+    actions = [action for action in the_plan.actions if keep is None or keep(action.tuner, action.target)]
+    wanted = {(action.tuner, action.target) for action in actions}
+    leftovers = {(e.tuner, e.target) for e in journal.entries()
+                 if (e.tuner, e.target) not in wanted and (keep is None or keep(e.tuner, e.target))}
     release = revert(ctx, journal, root, only=leftovers, drop_stale=False)
     results = list(release.results)
     writes = release.writes
     children: dict[str, context.Context] = {}
-    actions = list(the_plan.actions)
     for index, action in enumerate(actions):
         child = children.setdefault(action.tuner, ctx.child(action.tuner))
         if child.is_stopped():
@@ -113,9 +122,17 @@ def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, r
             writes += 1
             if after_write is not None:
                 after_write(writes)
-    journal.set_meta("policy", policy)
-    journal.set_meta("generation", str(generation))
+    if keep is None:
+        journal.set_meta("policy", policy)
+        journal.set_meta("generation", str(generation))
     return Report(tuple(results), writes, ctx.is_stopped(), ctx.is_killed(), 0, stale)
+
+
+def _selector(only: Only | None) -> Predicate | None:
+    if only is None or callable(only):
+        return only
+    pairs = frozenset(only)
+    return lambda tuner, target: (tuner, target) in pairs
 
 
 def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
@@ -142,11 +159,11 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
 
 
 def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
-           only: Iterable[tuple[str, str]] | None = None, drop_stale: bool = True) -> Report:
+           only: Only | None = None, drop_stale: bool = True) -> Report:
     """Write journaled originals back, newest first; forget each target once it holds its original."""
     stale = journal.drop_stale_boots() if drop_stale else 0
-    selected = set(only) if only is not None else None
-    entries = [e for e in reversed(journal.entries()) if selected is None or (e.tuner, e.target) in selected]
+    keep = _selector(only)
+    entries = [e for e in reversed(journal.entries()) if keep is None or keep(e.tuner, e.target)]
     results: list[Result] = []
     writes = 0
     for index, entry in enumerate(entries):
@@ -155,7 +172,7 @@ def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *
         result, wrote = _revert_one(entry, ctx, journal, root)
         results.append(result)
         writes += wrote
-    if selected is None:
+    if keep is None:
         for key in ("policy", "generation"):
             journal.set_meta(key, "")
     return Report(tuple(results), writes, False, False, 0, stale)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable, Mapping
 
 from agentlat.operator.model import kubelet, policy, workloads
-from agentlat.tuners.kernel import cpulist, ethtool, hostfs
+from agentlat.tuners.kernel import cpulist, ethtool, hostfs, irqbalance
 
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CHIP_PCI = re.compile(r"PCI-MSI(?:X)?-([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])")
@@ -104,6 +104,7 @@ class Host:
     selection: workloads.Selection | None = None
     found: Mapping[str, workloads.Found] = dataclasses.field(default_factory=dict)
     rt_runtime_us: int | None = None  # kernel.sched_rt_runtime_us: -1 no RT throttling, 0 RT tasks never run
+    irqbalance: tuple[irqbalance.Found, ...] = ()  # running instances and what they ban
 
     @property
     def offline(self) -> cpulist.CpuSet:
@@ -149,6 +150,7 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
         selection=selection,
         found=_discover(fs, selection, wanted),
         rt_runtime_us=fs.read_int("proc/sys/kernel/sched_rt_runtime_us"),
+        irqbalance=_read_irqbalance(fs),
     )
 
 
@@ -157,6 +159,35 @@ def _discover(fs: hostfs.HostFS, selection: workloads.Selection | None,
     discovery = workloads.Discovery(fs)
     return {workload.name: discovery.find(workload, workloads.pods_for(selection, workload)) for workload in wanted}
 
+
+def _read_irqbalance(fs: hostfs.HostFS) -> tuple[irqbalance.Found, ...]:
+    """Every irqbalance and what it bans: the journaled original when planning against originals, else
+    its answer to ``setup`` (over its socket on a live host, from the recorded answer in a tree)."""
+    found = []
+    for instance in irqbalance.find(fs.root, fs.listdir("proc")):
+        original = fs.overrides.get(irqbalance.target(instance.pid))
+        if instance.socket is None:
+            found.append(irqbalance.Found(instance, None))
+            continue
+        try:
+            if original is not None:
+                banned = cpulist.parse(original.strip())
+            elif is_live(fs.root):
+                banned = irqbalance.setup(instance.socket).banned
+            else:
+                banned = _recorded_ban(fs, instance.pid)
+        except (OSError, irqbalance.ProtocolError, cpulist.CpuListError) as exc:
+            found.append(irqbalance.Found(instance, None, str(exc)))
+            continue
+        found.append(irqbalance.Found(instance, banned))
+    return tuple(found)
+
+
+def _recorded_ban(fs: hostfs.HostFS, pid: int) -> cpulist.CpuSet:
+    answer = fs.read(irqbalance.recorded_setup(pid))
+    if answer is None:
+        raise FileNotFoundError(errno.ENOENT, "a host tree records no answer to setup", irqbalance.recorded_setup(pid))
+    return irqbalance.parse_setup(answer).banned
 
 
 def _read_numa(fs: hostfs.HostFS, online: cpulist.CpuSet) -> dict[int, cpulist.CpuSet]:

@@ -179,7 +179,7 @@ def test_policy_lifecycle_across_controller_and_two_agents(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = kube_apiserver
-    caplog.set_level(logging.INFO, logger="agentlat.operator.daemon.node")
+    caplog.set_level(logging.INFO, logger="agentlat.operator.daemon")
     admin = kubernetes.client.CustomObjectsApi(kube_client())
     gate = Gate(monkeypatch)
     agents_node = start_node("node-a", {"pool": "agents"})

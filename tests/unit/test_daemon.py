@@ -15,7 +15,7 @@ import pytest
 from agentlat.operator.core import context, journal
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.daemon import ratelimit
-from agentlat.operator.model import policy
+from agentlat.operator.model import policy, workloads
 from agentlat.tuners.kernel import uevents
 from tests.plugins import hosts
 
@@ -529,7 +529,7 @@ def test_drift_guard_spends_tokens_refills_and_flags_flapping() -> None:
 
 
 def test_scoped_reads_see_only_the_device_and_its_pci_function(vm: pathlib.Path) -> None:
-    from agentlat.operator.daemon import scope
+    from agentlat.operator.daemon import devices as scope
     from agentlat.operator.model import host
 
     loop = host.read(vm, scope.ScopedFS(vm, scope.Scope(blockdevs=frozenset({"loop0"}))))
@@ -557,3 +557,50 @@ def test_observations_of_the_agent_cpus_are_published_in_status_and_metrics(vm: 
     observed = node.snapshot().to_dict()["measurements"]
     assert observed["agentIrqsPerSecond"] == 50.0
     assert node.metrics.registry.get_sample_value("agentlat_agent_cpu_irqs_per_second") == 50.0
+
+
+# -- processes: planned with the others, applied to themselves only -----------------------------------------
+
+WORKLOAD_POLICY = """
+apiVersion: agentlat.io/v1alpha1
+kind: AgentLatencyPolicy
+metadata: {name: agents}
+spec:
+  agentCpus: "2-3"
+  irq: {moveOffAgentCpus: false, setDefaultAffinity: false, rps: false}
+  workloads:
+  - name: agent-loop
+    latencyClass: agent-interactive
+    processSelector: {comm: "^agent-loop$"}
+    nice: -5
+"""
+
+
+def test_a_new_process_is_tuned_alone(tmp_path: pathlib.Path) -> None:
+    import shutil
+
+    from tests import workloadgen
+
+    first = workloadgen.Proc(1234, "agent-loop", ("agent",))
+    later = workloadgen.Proc(3000, "agent-loop", ("agent",), threads=(workloadgen.Thread(3000),
+                                                                       workloadgen.Thread(3001)))
+    root = workloadgen.build(workloadgen.Spec(processes=(first,)), tmp_path / "h")
+    both = workloadgen.build(workloadgen.Spec(processes=(first, later)), tmp_path / "both")
+    node = daemon.NodeDaemon(root, tmp_path / "state")
+    try:
+        node.set_policy(policy.load_text(WORKLOAD_POLICY)[0], 1)
+        node.work(context.Context())
+        assert [r.target for r in node.snapshot().results] == ["task/1234/1234@2234/nice"]
+        shutil.copytree(both / "proc/3000", root / "proc/3000")  # it started after the apply
+        before = hosts.tree_bytes(root)
+        node.reconcile_processes([3000])
+        assert node.work(context.Context()) == 1
+        after = hosts.tree_bytes(root)
+        assert {path for path in after if after[path] != before.get(path)} == {
+            f"proc/3000/task/{tid}/{workloads.FAKE_FILE}" for tid in (3000, 3001)}
+        assert [r.target for r in node.snapshot().results][1:] == ["task/3000/3000@4000/nice",
+                                                                   "task/3000/3001@4001/nice"]
+        assert set(entries(node)) == {"task/1234/1234@2234/nice", "task/3000/3000@4000/nice",
+                                      "task/3000/3001@4001/nice"}
+    finally:
+        node.close()

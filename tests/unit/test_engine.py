@@ -211,3 +211,28 @@ def test_partial_exit_code(vm: pathlib.Path, tmp_path: pathlib.Path, run_cli: Ca
     assert result.code == 3
     assert "18 Applied, 1 Failed; 18 writes; partial" in result.out
     assert "ENOSPC: no free interrupt vectors on the target CPUs" in result.out
+
+
+def test_apply_only_touches_and_releases_nothing_outside_its_scope(vm: pathlib.Path, log: journal.Journal) -> None:
+    hosts.apply_policy(irq_policy("1"), vm, log)
+    journaled = {e.target: e for e in log.entries()}
+    before = hosts.tree_bytes(vm)
+    target = vm / "proc/irq/41/smp_affinity_list"
+    target.write_text("0-1\n")  # someone else changed one target
+    # A plan that wants nothing (agent CPUs "": every journaled target would be released)...
+    empty = planner.make_plan(irq_policy(""), engine.original_host(vm, log))
+    assert not [a for a in empty.actions if a.target.startswith("proc/irq/")]
+    # ...applied to one other IRQ only: that one is released, everything else stays as it is.
+    report = engine.apply(empty, context.Context(), log, vm, policy="other", generation=9,
+                          only=lambda tuner, target: target.startswith("proc/irq/42/"))
+    assert [(r.outcome, r.target) for r in report.results] == [("Reverted", "proc/irq/42/smp_affinity_list")]
+    assert set(journaled) - {e.target for e in log.entries()} == {"proc/irq/42/smp_affinity_list"}
+    assert (log.get_meta("policy"), log.get_meta("generation")) == ("p", "1"), "meta belongs to the full apply"
+    assert target.read_text() == "0-1\n"
+    # The full plan, applied to the changed target alone (pairs instead of a predicate): it is re-asserted.
+    full = planner.make_plan(irq_policy("1"), engine.original_host(vm, log))
+    report = engine.apply(full, context.Context(), log, vm, policy="p", generation=1,
+                          only={("irq", "proc/irq/41/smp_affinity_list")})
+    assert [(r.outcome, r.target) for r in report.results] == [("Applied", "proc/irq/41/smp_affinity_list")]
+    after = hosts.tree_bytes(vm)
+    assert {path for path in after if after[path] != before.get(path)} == {"proc/irq/42/smp_affinity_list"}

@@ -5,6 +5,7 @@ next rescan), plus discovery from /proc, planning, journaled apply/revert, and t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -12,16 +13,17 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from agentlat.operator.core import context, engine, journal
+from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.daemon import node as daemon
-from agentlat.operator.model import plan, policy
+from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import irqbalance as irqbalance_tuner
 from agentlat.tuners.kernel import cpulist, irqbalance
 from tests import hostgen
+from tests.plugins import hosts
 
 GUARD = 10.0
 BOOT = "00000000-0000-4000-8000-000000000001"
@@ -38,7 +40,9 @@ def irqbalance_mask(cpus: frozenset[int]) -> str:
 
 
 class FakeIrqbalance:
-    """The control socket of irqbalance >= 1.8 (irqbalance.c sock_handle), served from a thread."""
+    """The control socket of irqbalance >= 1.8 (irqbalance.c sock_handle), served from a thread. Its answer
+    to ``setup`` is also recorded next to the socket, as a host tree holds it (discovery on a tree reads
+    that, and never talks to a socket)."""
 
     def __init__(self, path: pathlib.Path, banned: frozenset[int] = frozenset(), *, auto: frozenset[int] = frozenset(),
                  sleep: int = 10, uid: int | None = None) -> None:
@@ -56,6 +60,8 @@ class FakeIrqbalance:
         self._server.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._server.listen(4)
         self._server.settimeout(0.05)
+        self.recorded = path.with_suffix(".setup")
+        self._record()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -66,13 +72,21 @@ class FakeIrqbalance:
 
     def rescan(self) -> None:
         self.banned = cpulist.parse(self.ui_ban) if self.ui_ban is not None else self.auto
+        self._record()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(GUARD)
         self._server.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.recorded):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def answer(self) -> str:
+        return f"SLEEP {self.sleep} BANNED {irqbalance_mask(self.banned)}"
+
+    def _record(self) -> None:
+        self.recorded.write_text(self.answer())
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -97,7 +111,7 @@ class FakeIrqbalance:
             token = command[len("settings cpus "):].split()[0]
             self.ui_ban = None if token.startswith("NULL") else token
         elif command.startswith("setup"):
-            conn.sendall(f"SLEEP {self.sleep} BANNED {irqbalance_mask(self.banned)}".encode())
+            conn.sendall(self.answer().encode())
 
 
 @pytest.fixture
@@ -377,3 +391,56 @@ def test_daemon_reports_an_irqbalance_it_cannot_coordinate(host8: pathlib.Path, 
         assert any("Ignore" in skip.reason for skip in state.skipped)
     finally:
         node.close()
+
+
+# -- one planner: the instances are part of the host snapshot ----------------------------------------------
+
+def test_the_host_snapshot_holds_irqbalance_and_every_plan_bans_agent_cpus_first(
+        host8: pathlib.Path, run_cli: Callable[..., hosts.CliResult], tmp_path: pathlib.Path) -> None:
+    fake_process(host8, 902)
+    fake = FakeIrqbalance(irqbalance.socket_path(host8, 902), banned=frozenset({1}))
+    try:
+        model = host.read(host8)
+        [found] = model.irqbalance
+        assert (found.instance.pid, found.banned) == (902, frozenset({1}))
+        assert fake.commands == [], "a host tree is read from its files, never over a socket"
+        chosen = policy.load_text(POLICY % "Coordinate")[0]
+        first = planner.make_plan(chosen, model).actions[0]
+        assert (first.tuner, first.target, first.current, first.desired) == (
+            "irqbalance", "irqbalance/902/banned_cpus", "1", "1,4-7")
+        policy_file = tmp_path / "policy.yaml"
+        policy_file.write_text(POLICY % "Coordinate")
+        shown = run_cli("plan", policy_file, "--root", host8, "--output", "json")
+        assert shown.code == 0, shown.err
+        planned = json.loads(shown.out)["actions"][0]
+        assert (planned["target"], planned["desired"]) == ("irqbalance/902/banned_cpus", "1,4-7")
+        assert fake.commands == []
+    finally:
+        fake.close()
+
+
+def test_planning_against_originals_takes_the_journaled_ban(host8: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    fake_process(host8, 903)
+    fake = FakeIrqbalance(irqbalance.socket_path(host8, 903), banned=frozenset({1, 4, 5, 6, 7}))
+    try:
+        with journal.Journal.open(tmp_path / "state", BOOT) as log:
+            log.record_original("irqbalance", "irqbalance/903/banned_cpus", "", "4-7", "agents", 1)
+            [found] = engine.original_host(host8, log).irqbalance
+        assert found.banned == frozenset()
+        assert fake.commands == []
+    finally:
+        fake.close()
+
+
+def test_a_tree_without_the_recorded_answer_plans_no_ban_and_says_why(host8: pathlib.Path) -> None:
+    fake_process(host8, 904)
+    fake = FakeIrqbalance(irqbalance.socket_path(host8, 904))
+    fake.recorded.unlink()
+    try:
+        the_plan = planner.make_plan(policy.load_text(POLICY % "Coordinate")[0], host.read(host8))
+        assert not [a for a in the_plan.actions if a.tuner == "irqbalance"]
+        [skip] = [s for s in the_plan.skips if s.tuner == "irqbalance"]
+        assert "did not answer" in skip.reason and "records no answer" in skip.reason
+        assert fake.commands == []
+    finally:
+        fake.close()

@@ -17,6 +17,9 @@ So the ban we send is what it bans already plus the agent CPUs, and revert sends
 (IRQBALANCE_BANNED_CPULIST from 1.8, IRQBALANCE_BANNED_CPUS, a hex mask, before): we never write /etc,
 so for those the plan says which setting the admin must add. The version comes from the string
 ``irqbalance version X`` that ``--version`` prints, read out of the running binary (no shell-out).
+
+A fixture tree is not a host to talk to: there, ``SOCKET_DIR/irqbalance<PID>.setup`` holds the answer
+to ``setup`` the instance would give (:func:`recorded_setup`), and discovery reads it instead.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pathlib
 import socket
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from agentlat.tuners.kernel import cpulist
 
@@ -86,6 +89,11 @@ def socket_path(root: pathlib.Path, pid: int) -> pathlib.Path:
     return root / SOCKET_DIR / f"irqbalance{pid}.sock"
 
 
+def recorded_setup(pid: int) -> str:
+    """Where a fixture tree keeps an instance's answer to ``setup`` (relative to the root)."""
+    return f"{SOCKET_DIR}/irqbalance{pid}.setup"
+
+
 # -- the socket protocol ------------------------------------------------------------------------------
 
 def request(path: pathlib.Path, command: str, timeout: float = TIMEOUT_S) -> str:
@@ -135,13 +143,15 @@ def ban(path: pathlib.Path, cpus: cpulist.CpuSet | None, timeout: float = TIMEOU
 
 # -- discovery ----------------------------------------------------------------------------------------
 
-def find(root: pathlib.Path) -> list[Instance]:
-    """Every running irqbalance under ``root`` (by ``/proc/PID/comm``)."""
+def find(root: pathlib.Path, names: Iterable[str] | None = None) -> list[Instance]:
+    """Every running irqbalance under ``root`` (by ``/proc/PID/comm``), among ``names`` (a listing of
+    ``root/proc``) when given."""
     found = []
-    try:
-        names = os.listdir(root / "proc")
-    except OSError:
-        return []
+    if names is None:
+        try:
+            names = os.listdir(root / "proc")
+        except OSError:
+            return []
     for name in names:
         if not name.isdigit():
             continue
