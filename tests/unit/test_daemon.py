@@ -15,8 +15,8 @@ import pytest
 from agentlat.operator.core import context, journal
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.daemon import ratelimit
-from agentlat.operator.model import policy, workloads
-from agentlat.tuners.kernel import uevents
+from agentlat.operator.model import policy
+from agentlat.tuners.kernel import taskattrs, uevents
 from tests.plugins import hosts
 
 GUARD = 10.0  # seconds; only a guard against hangs, never a timing assumption
@@ -597,7 +597,7 @@ def test_a_new_process_is_tuned_alone(tmp_path: pathlib.Path) -> None:
         assert node.work(context.Context()) == 1
         after = hosts.tree_bytes(root)
         assert {path for path in after if after[path] != before.get(path)} == {
-            f"proc/3000/task/{tid}/{workloads.FAKE_FILE}" for tid in (3000, 3001)}
+            f"proc/3000/task/{tid}/{taskattrs.FAKE_FILE}" for tid in (3000, 3001)}
         assert [r.target for r in node.snapshot().results][1:] == ["task/3000/3000@4000/nice",
                                                                    "task/3000/3001@4001/nice"]
         assert set(entries(node)) == {"task/1234/1234@2234/nice", "task/3000/3000@4000/nice",
