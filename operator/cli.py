@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 from agentlat.operator import (
     agent,
-    bench,
     context,
     controller,
     daemon,
@@ -30,6 +29,7 @@ from agentlat.operator import (
     trace,
     uninstall,
 )
+from agentlat.operator.bench import bench
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
