@@ -111,7 +111,7 @@ tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new /@member[args->
 tracepoint:sched:sched_switch {{
   $now = nsecs;
   $m = @tgid_wl[pid]; if (!$m) {{ $m = @cg_wl[cgroup]; }}
-  if ($m != @member[tid]) {{ if ($m) {{ @member[tid] = $m; }} else {{ delete(@member[tid]); }} }}
+  if ($m && $m != @member[tid]) {{ @member[tid] = $m; }}
   {_charge("@off_task[$wl, args->prev_pid, args->prev_comm]", "@on_ts[cpu]")}
   @on_ts[cpu] = $now;
   $t = @wake[args->next_pid];
@@ -358,7 +358,8 @@ class Workload:
 
     name: str
     budget_us: float = DEFAULT_BUDGET_US
-    pids: frozenset[int] = frozenset()
+    pids: frozenset[int] = frozenset()  # processes: all their threads, present and future
+    tids: frozenset[int] = frozenset()  # single threads
     cgroups: frozenset[str] = frozenset()  # absolute paths of cgroup v2 directories
 
 
@@ -391,11 +392,11 @@ class Snapshot:
     coarse: observe.Observation | None
 
 
-def summarize(interval: Interval, workloads: Sequence[Workload], names: Mapping[int, str],
+def summarize(interval: Interval, workloads: Mapping[int, Workload], names: Mapping[int, str],
               top: int = 5) -> dict[str, WorkloadLatency]:
-    """Per workload figures of an interval; workload i+1 in the program is ``workloads[i]``."""
+    """Per workload figures of an interval; ``workloads`` maps the program's workload numbers to specs."""
     out = {}
-    for number, spec in enumerate(workloads, start=1):
+    for number, spec in sorted(workloads.items()):
         histogram = interval.latency.get(number, {})
         gates = {}
         for kind, call in GATES.items():
@@ -524,8 +525,10 @@ class Collector:
 
     def __init__(self, workloads: Sequence[Workload], agent_cpus: cpulist.CpuSet, interval_s: float = 1.0,
                  lifetime_s: float = 600.0, top: int = 5, max_failures: int = 3,
-                 root: pathlib.Path = pathlib.Path("/")) -> None:
-        self.workloads = list(workloads)
+                 root: pathlib.Path = pathlib.Path("/"), tap: Callable[[str], None] | None = None) -> None:
+        self.workloads: dict[int, Workload] = {}
+        self._numbers: dict[str, int] = {}
+        self.tap = tap
         self.agent_cpus = frozenset(agent_cpus)
         self.interval_s, self.lifetime_s, self.top, self.max_failures = interval_s, lifetime_s, top, max_failures
         self.root = root
@@ -541,6 +544,7 @@ class Collector:
         self._proc: subprocess.Popen[str] | None = None
         self._thread: threading.Thread | None = None
         self._stderr: list[str] = []
+        self.set_workloads(workloads)
 
     # lifecycle
 
@@ -581,29 +585,34 @@ class Collector:
     # what to measure
 
     def set_workloads(self, workloads: Sequence[Workload]) -> None:
-        """Replace the workloads (same names keep their numbers; pids/cgroups/budgets may change)."""
+        """Replace the workloads: a name keeps its number for the collector's life; pids, tids, cgroups
+        and budgets may change. Takes effect in the running program at once (no restart)."""
         with self._lock:
-            known = {spec.name: spec for spec in workloads}
-            self.workloads = [known.pop(spec.name, spec) for spec in self.workloads if spec.name in known]
-            self.workloads += list(known.values())
+            for spec in workloads:
+                self._numbers.setdefault(spec.name, len(self._numbers) + 1)
+            self.workloads = {self._numbers[spec.name]: spec for spec in workloads}
             if self._attached.is_set():
                 self._sync()
 
     def _wanted(self) -> dict[tuple[int, int], int]:
         want: dict[tuple[int, int], int] = {(KIND_AGENT_CPU, cpu): 1 for cpu in self.agent_cpus}
-        for number, spec in enumerate(self.workloads, start=1):
+        for number, spec in self.workloads.items():
             want[(KIND_BUDGET, number)] = max(int(spec.budget_us * 1000), 1)
             want.update({(KIND_PROCESS, pid): number for pid in spec.pids})
             for path in spec.cgroups:
                 ident = cgroup_id(path)
                 if ident is not None:
                     want[(KIND_CGROUP, ident)] = number
-            want.update({(KIND_THREAD, tid): number for tid in threads_of(spec.pids, spec.cgroups, self.root)})
+            threads = threads_of(spec.pids, spec.cgroups, self.root) | spec.tids
+            want.update({(KIND_THREAD, tid): number for tid in threads})
         return want
 
     def _sync(self) -> None:
         want = self._wanted()
-        for key in self._sent.keys() - want.keys():
+        gone = self._sent.keys() - want.keys()
+        # Threads a dropped process or cgroup made since the last sync are known only to the program.
+        late = threads_of([key for kind, key in gone if kind == KIND_PROCESS], [], self.root)
+        for key in gone | {(KIND_THREAD, tid) for tid in late if (KIND_THREAD, tid) not in want}:
             _send(*key, 0)
         for key, value in want.items():
             if self._sent.get(key) != value:
@@ -617,7 +626,7 @@ class Collector:
             total, seconds = self._total, time.monotonic() - self._since
             if reset:
                 self._total, self._since = Interval(), time.monotonic()
-            workloads, reason = list(self.workloads), self.reason
+            workloads, reason = dict(self.workloads), self.reason
         if reason:
             return self._coarse_snapshot(reason, seconds, reset)
         names = irq_names(_read_text(self.root / "proc/interrupts"))
@@ -628,9 +637,7 @@ class Collector:
             restarts=self.restarts, coarse=None)
 
     def _coarse_snapshot(self, reason: str, seconds: float, reset: bool) -> Snapshot:
-        tids = threads_of([pid for spec in self.workloads for pid in spec.pids],
-                          [path for spec in self.workloads for path in spec.cgroups], self.root)
-        now = observe.sample(self.root, tids)
+        now = observe.sample(self.root, self._tracked_tids())
         before = self._coarse_start or now
         if reset or self._coarse_start is None:
             self._coarse_start = now
@@ -641,9 +648,13 @@ class Collector:
     def _degrade(self, reason: str) -> None:
         with self._lock:
             self.reason = reason
-        tids = threads_of([pid for spec in self.workloads for pid in spec.pids],
-                          [path for spec in self.workloads for path in spec.cgroups], self.root)
-        self._coarse_start = observe.sample(self.root, tids)
+        self._coarse_start = observe.sample(self.root, self._tracked_tids())
+
+    def _tracked_tids(self) -> set[int]:
+        specs = list(self.workloads.values())
+        return threads_of([pid for spec in specs for pid in spec.pids],
+                          [path for spec in specs for path in spec.cgroups], self.root).union(
+                              *(spec.tids for spec in specs))
 
     # the child
 
@@ -673,7 +684,8 @@ class Collector:
         if self._stopping.is_set():
             proc.send_signal(signal.SIGINT)
         attached = False
-        for message in messages(proc.stdout):
+        lines: Iterable[str] = proc.stdout if self.tap is None else _tapped(proc.stdout, self.tap)
+        for message in messages(lines):
             attached = self._handle(message, attached)
         rc = proc.wait()
         errors.join(timeout=5)
@@ -702,7 +714,13 @@ class Collector:
             self._attached.wait(0.05)
 
 
-def messages(stream: IO[str]) -> Iterator[tuple[str, Any]]:
+def _tapped(stream: Iterable[str], tap: Callable[[str], None]) -> Iterator[str]:
+    for line in stream:
+        tap(line)
+        yield line
+
+
+def messages(stream: Iterable[str]) -> Iterator[tuple[str, Any]]:
     """("attached_probes", n), ("ready", None) and ("interval", maps) from bpftrace's JSON lines."""
     maps: dict[str, dict[str, int]] = {}
     for line in stream:
