@@ -29,7 +29,7 @@ from agentlat.operator import (
     trace,
     uninstall,
 )
-from agentlat.operator.bench import bench
+from agentlat.operator.bench import bench, live
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
          _root_arg, _out_arg)
     bench.add_parser(commands)
     trace.add_parser(commands)
+    live.add_parser(commands)
     daemon.add_parser(commands)
     controller.add_parser(commands)
     agent.add_parser(commands)

@@ -698,6 +698,8 @@ class Collector:
             threading.Thread(target=self._ping, name="agentlat-wakeups-ping", daemon=True).start()
         elif kind == "ready" and not attached:
             with self._lock:
+                if self.restarts == 0:
+                    self._since = time.monotonic()
                 self._sync()
             self._attached.set()
             return True
