@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 
 from agentlat.operator.bench import probe
+from agentlat.tuners.kernel import prctl
 
 KINDS = ("cpu", "softirq", "io")
 COMMS = {"cpu": "agentlat-noise-cpu", "softirq": "agentlat-noise-net", "io": "agentlat-noise-io"}
@@ -212,9 +213,9 @@ class _Worker:
 
 
 def _become_worker(kind: str, ppid: int) -> None:
-    probe.set_comm(COMMS[kind])
+    prctl.set_comm(COMMS[kind])
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    probe.die_with_parent(signal.SIGTERM)
+    prctl.die_with_parent(signal.SIGTERM)
     if os.getppid() != ppid:  # the parent died before PR_SET_PDEATHSIG was armed
         raise SystemExit(0)
 

@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import IO, Any
 
 from agentlat.operator.observe import stats
+from agentlat.tuners.kernel import prctl
 
 PROBE_COMM = "agent-probe"
 PEER_COMM = "agent-probe-peer"
@@ -59,9 +60,6 @@ DISK_BUFFERED = "buffered_fadvise"
 _CLOCK = time.CLOCK_MONOTONIC
 _NS = 1_000_000_000
 _BLOCK = 4096
-_PR_SET_PDEATHSIG = 1
-_PR_SET_NAME = 15
-_PR_SET_TIMERSLACK = 29
 _TIMER_ABSTIME = 1
 _MCL_CURRENT_FUTURE = 1 | 2
 _WARMUP_STEPS = 20
@@ -252,18 +250,6 @@ def kernel_comm(name: str) -> str:
     return name.encode()[:COMM_LEN].decode(errors="ignore")
 
 
-def set_comm(name: str) -> None:
-    _prctl(_PR_SET_NAME, name.encode())
-
-
-def die_with_parent(sig: int) -> None:
-    """Ask for sig when the parent (strictly: the thread that forked us) dies."""
-    _prctl(_PR_SET_PDEATHSIG, int(sig))
-
-
-def set_timer_slack(ns: int) -> None:
-    _prctl(_PR_SET_TIMERSLACK, ns)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
@@ -296,14 +282,14 @@ class _Rig:
 
 
 def _serve(config: ProbeConfig, inp: IO[bytes], out: IO[bytes]) -> int:
-    set_comm(PROBE_COMM)
+    prctl.set_comm(PROBE_COMM)
     signal.signal(signal.SIGTERM, _exit_on_signal)  # unwinds the ExitStack: temp dir, peers
-    die_with_parent(signal.SIGTERM)
+    prctl.die_with_parent(signal.SIGTERM)
     peer_cpu = _peer_cpu(config, os.sched_getaffinity(0))  # before pinning ourselves narrows the choice
     if config.cpu is not None:
         os.sched_setaffinity(0, {config.cpu})
     if config.timer_slack_ns is not None:
-        set_timer_slack(config.timer_slack_ns)
+        prctl.set_timer_slack(config.timer_slack_ns)
     with contextlib.ExitStack() as stack:
         rig = _open_rig(config, peer_cpu, stack)
         locked = _lock_memory(config.lock_memory)
@@ -548,8 +534,8 @@ def _fork_peer(cpu: int | None, body: Callable[[], None], close: Sequence[int]) 
         return pid
     code = 1
     try:
-        set_comm(PEER_COMM)
-        die_with_parent(signal.SIGKILL)
+        prctl.set_comm(PEER_COMM)
+        prctl.die_with_parent(signal.SIGKILL)
         if os.getppid() == parent:
             _detach_stdio()
             for fd in close:
@@ -663,13 +649,6 @@ def parse_cyclictest(output: bytes) -> list[int]:
 
 
 # --- plumbing ---------------------------------------------------------------------------------------
-
-
-def _prctl(option: int, arg: int | bytes) -> None:
-    value: ctypes.c_ulong | bytes = ctypes.c_ulong(arg) if isinstance(arg, int) else arg
-    if _libc.prctl(option, value, ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def _emit(out: IO[bytes], message: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from agentlat.operator.bench import trace
-from agentlat.operator.cli import bench, render, snapshot
+from agentlat.operator.cli import bench, observe, render, snapshot
 from agentlat.operator.core import context, engine, journal, planner, supervise
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import agent, controller, uninstall
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
          _root_arg, _out_arg)
     bench.add_parser(commands)
     trace.add_parser(commands)
+    observe.add_parser(commands)
     daemon.add_parser(commands)
     controller.add_parser(commands)
     agent.add_parser(commands)
