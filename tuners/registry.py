@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from agentlat.tuners import base, blk, cgroup, irq, irqbalance, nic, rps, sched
+from agentlat.tuners import base, blk, cgroup, irq, irqbalance, isolation, nic, rps, sched
 
-ALL: tuple[base.Tuner, ...] = (irq.TUNER, sched.TUNER, cgroup.TUNER, nic.TUNER, rps.TUNER, blk.TUNER,
-                               irqbalance.TUNER)
+ALL: tuple[base.Tuner, ...] = (irq.TUNER, sched.TUNER, cgroup.TUNER, isolation.TUNER, nic.TUNER, rps.TUNER,
+                               blk.TUNER, irqbalance.TUNER)
 
 
 def by_name(name: str) -> base.Tuner:

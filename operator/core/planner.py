@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from agentlat.operator.model import errors, host, kubelet, plan, policy, workloads
 from agentlat.tuners import registry
 from agentlat.tuners.kernel import cpulist
 
 
 def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.Plan:
+    refuse_self(policy, host, source)
     cpus, notes = resolve_cpus(policy, host, source)
     actions: list[plan.Action] = []
     skips: list[plan.Skip] = list(notes)
@@ -18,6 +21,18 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
             else:
                 skips.append(item)
     return plan.Plan(policy.name, cpus, tuple(actions), tuple(skips))
+
+
+def refuse_self(policy: policy.Policy, host: host.Host, source: str = "") -> None:
+    """InputError when a workload's processSelector selects agentlat itself (on a live root): the daemon
+    would renice, pin or demote its own threads."""
+    if host.discovery is None:
+        return
+    problems = [errors.Problem(f"spec.workloads[{index}].processSelector",
+                               f"selects this agentlat process itself (pid {os.getpid()}): narrow it")
+                for index, workload in enumerate(policy.workloads) if host.discovery.selects_self(workload)]
+    if problems:
+        raise errors.InputError(source, problems[:1])
 
 
 def resolve_cpus(policy: policy.Policy, host: host.Host, source: str = "") -> tuple[plan.Cpus, list[plan.Skip]]:
@@ -34,6 +49,7 @@ def resolve_cpus(policy: policy.Policy, host: host.Host, source: str = "") -> tu
     housekeeping = requested & host.online
     if not problems and not housekeeping:
         field = "spec.housekeepingCpus" if policy.housekeeping_cpus is not None else "spec.agentCpus"
+        field = "spec.isolation" if policy.isolation.enabled else field
         problems.append(errors.Problem(field, f"leaves no online housekeeping CPU (online CPUs: "
                                               f"{cpulist.format(host.online)}, agent CPUs: {cpulist.format(agent)})"))
     if problems:
