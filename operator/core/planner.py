@@ -10,7 +10,7 @@ from agentlat.tuners.kernel import cpulist
 
 
 def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.Plan:
-    refuse_self(policy, host, source)
+    refuse_self(policy, host.discovery, source)
     cpus, notes = resolve_cpus(policy, host, source)
     actions: list[plan.Action] = []
     skips: list[plan.Skip] = list(notes)
@@ -23,14 +23,14 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
     return plan.Plan(policy.name, cpus, tuple(actions), tuple(skips))
 
 
-def refuse_self(policy: policy.Policy, host: host.Host, source: str = "") -> None:
+def refuse_self(policy: policy.Policy, discovery: workloads.Discovery | None, source: str = "") -> None:
     """InputError when a workload's processSelector selects agentlat itself (on a live root): the daemon
     would renice, pin or demote its own threads."""
-    if host.discovery is None:
+    if discovery is None:
         return
     problems = [errors.Problem(f"spec.workloads[{index}].processSelector",
                                f"selects this agentlat process itself (pid {os.getpid()}): narrow it")
-                for index, workload in enumerate(policy.workloads) if host.discovery.selects_self(workload)]
+                for index, workload in enumerate(policy.workloads) if discovery.selects_self(workload)]
     if problems:
         raise errors.InputError(source, problems[:1])
 

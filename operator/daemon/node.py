@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from agentlat.operator.core import context, engine, journal, planner
-from agentlat.operator.daemon import metrics, ratelimit, scope
+from agentlat.operator.daemon import metrics, procevents, ratelimit, scope
 from agentlat.operator.model import errors, host, plan, policy, workloads
 from agentlat.operator.observe import coarse, stats
 from agentlat.tuners import base, registry
@@ -203,6 +203,9 @@ class NodeDaemon:
         self._agent_tids: tuple[int, ...] = ()
         self._last_sample: coarse.Sample | None = None
         self._observation: dict[str, float] = {}
+        self._procs = procevents.Listener(root, desired=self._effective, log=self._open_journal,
+                                          selection=lambda: self._selection, resync=self.overflowed,
+                                          full_running=lambda: "full" in self._running, registry=self.metrics)
 
     # -- the seam ---------------------------------------------------------------------------------------
 
@@ -229,9 +232,12 @@ class NodeDaemon:
                                         daemon=True) for n in range(max(1, self.options.workers))]
             for worker in workers:
                 worker.start()
+            if workloads.is_live(self.root):
+                self._procs.start()
             try:
                 self._loop(ctx, source, wake_r)
             finally:
+                self._procs.stop()
                 with self._cv:
                     self._shutdown = True
                     self._cv.notify_all()
@@ -263,7 +269,7 @@ class NodeDaemon:
                 hotplug_p99_ms=round(stats.percentile(samples, 99) * 1000, 3) if samples else None,
                 hotplug_samples=len(samples), drift_corrections=self._corrections, contested=self._contested,
                 flapping=flapping, uevents=self._uevents, overflows=self._overflows, reactions=self._reactions,
-                observed=dict(self._observation))
+                observed={**self._observation, **self._procs.figures()})
             return NodeState(
                 policy=effective.name if effective is not None else None,
                 generation=self._applied_generation,
@@ -835,6 +841,7 @@ class NodeDaemon:
             reasons.append(("IrqbalanceNotCoordinated", self._irqbalance_problem))
         if self._source_problem is not None:
             reasons.append(("NoUevents", self._source_problem))
+        reasons += self._procs.degraded()
         if not reasons:
             return Condition("Degraded", "False", "AsExpected", "every action holds or is unsupported here")
         return Condition("Degraded", "True", reasons[0][0], "; ".join(message for _, message in reasons))
@@ -912,6 +919,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_run(args: argparse.Namespace) -> int:
     effective = policy.merge(policy.load_file(args.policy))  # bad input: exit 2 before touching anything
+    planner.refuse_self(effective, workloads.Discovery(hostfs.HostFS(args.root)), str(args.policy))
     if args.verify_interval <= 0 or args.irq_interval <= 0:
         raise errors.single("agentlat run", "--verify-interval/--irq-interval", "must be positive")
     logging.basicConfig(level=logging.INFO, format="agentlat: %(message)s", stream=sys.stderr)
