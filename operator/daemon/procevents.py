@@ -44,6 +44,7 @@ from agentlat.tuners.kernel import procevents as kernel
 
 logger = logging.getLogger(__name__)
 Desired = Callable[[], tuple[policy.Policy | None, int | None]]
+LIVE = pathlib.Path("/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,15 @@ class ProcFS(hostfs.HostFS):
         return super().listdir(rel)
 
     def read(self, rel: str) -> str | None:
-        text = super().read(rel)
+        text: str | None
+        if self.root == LIVE and not self.overrides and rel.startswith(("proc/", "sys/fs/cgroup/")):
+            try:  # the live root: nothing to resolve against, and this is the hot path of every batch
+                with open(f"/{rel}", errors="replace") as file:
+                    text = file.read().rstrip("\n")
+            except OSError:
+                return None
+        else:
+            text = super().read(rel)
         return text.partition("\n")[0] if rel == "proc/interrupts" and text is not None else text
 
 
@@ -106,6 +115,7 @@ class Listener:
         self._source: kernel.ProcEventSocket | None = None
         self._template: tuple[tuple[policy.Policy, int | None], host.Host, plan.Cpus] | None = None
         self._known: dict[int, str] = {}  # fallback scan: pid -> comm at the last look
+        self._cgroups: dict[str, workloads.Cgroup | None] = {}  # re-read every stray_interval
         # reported
         self._lock = threading.Lock()
         self.problem: str | None = None
@@ -224,6 +234,7 @@ class Listener:
                 next_scan = now + self.options.scan_interval
             if now >= next_strays:
                 next_strays = now + self.options.stray_interval
+                self._cgroups.clear()
                 self._guard(self._check_strays)
             if self._full_running():
                 time.sleep(self.options.full_wait)
@@ -254,8 +265,9 @@ class Listener:
         if template is None:
             return
         base_host, cpus = template
-        model = dataclasses.replace(base_host, discovery=workloads.Discovery(ProcFS(self.root, pids)),
-                                    selection=self._selection())
+        discovery = workloads.Discovery(ProcFS(self.root, pids))
+        discovery._cgroups = self._cgroups  # shared across batches: new processes mostly join known cgroups
+        model = dataclasses.replace(base_host, discovery=discovery, selection=self._selection())
         actions = list(_actions(effective, model, cpus, pids))
         with self._lock:
             self.counts["batches"] += 1
