@@ -45,6 +45,7 @@ from agentlat.tuners.kernel import procevents as kernel
 logger = logging.getLogger(__name__)
 Desired = Callable[[], tuple[policy.Policy | None, int | None]]
 LIVE = pathlib.Path("/")
+PRIORITY_NICE = -10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,7 @@ class Listener:
 
     def _read(self) -> None:
         assert self._source is not None
+        _prioritize()
         while not self._stop.is_set():
             ready, _, _ = select.select([self._source.fileno(), self._wake_r], [], [], 1.0)
             if self._source.fileno() not in ready:
@@ -219,6 +221,7 @@ class Listener:
     # -- the worker --------------------------------------------------------------------------------------
 
     def _work(self) -> None:
+        _prioritize()
         next_scan = time.monotonic()
         next_strays = time.monotonic() + self.options.stray_interval
         while not self._stop.is_set():
@@ -347,6 +350,15 @@ class Listener:
             logger.warning("isolation: %d threads on agent CPUs: moving them off", len(found))
             engine.apply_new(found, context.Context("strays"), self._log(), self.root, policy=effective.name,
                              generation=generation or 0)
+
+
+def _prioritize() -> None:
+    """This thread at nice PRIORITY_NICE: a new agent waits for the worker, and the worker shares the
+    housekeeping CPUs with whatever isolation moved there (its own thread, not a tuned target)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITY_NICE)
+    except OSError as exc:
+        logger.info("process events: cannot raise this thread's priority: %s", exc)
 
 
 def _actions(effective: policy.Policy, model: host.Host, cpus: plan.Cpus,
