@@ -110,6 +110,7 @@ class Listener:
         self._cv = threading.Condition()
         self._looks: dict[int, _Pending] = {}
         self._exits: list[tuple[int, int | None]] = []
+        self._parents: dict[int, int] = {}  # live processes whose fork was seen -> their parent
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
@@ -192,8 +193,11 @@ class Listener:
                     self._exits.append((event.pid, None if whole else event.tid))
                     if whole:
                         self._looks.pop(event.pid, None)
+                        self._parents.pop(event.pid, None)
                     continue
                 pending = self._looks.get(event.pid)
+                if event.kind == "fork" and not event.is_thread:
+                    self._parents[event.pid] = event.parent_pid
                 if pending is None:
                     self._looks[event.pid] = _Pending(event.stamp_ns)
                     continue
@@ -277,6 +281,7 @@ class Listener:
             self.counts["looks"] += len(pids)
         if not actions:
             return
+        self._inherit(actions, effective.name, generation or 0)
         report = engine.apply_new(actions, context.Context("procevents"), self._log(), self.root,
                                   policy=effective.name, generation=generation or 0)
         tuned_ns = time.monotonic_ns()
@@ -291,6 +296,25 @@ class Listener:
         if self._metrics is not None:
             for result in report.results:
                 self._metrics.actions.labels(result.outcome, result.tuner).inc()
+
+    def _inherit(self, actions: list[plan.Action], name: str, generation: int) -> None:
+        """A child inherits the affinity isolation gave its parent: its original is the parent's original
+        (journaled first, so the child's own apply keeps it), or revert would leave it off the agent CPUs."""
+        with self._cv:
+            parents = {a.target: self._parents.get(workloads.parse_key(a.target)[0], 0) for a in actions
+                       if a.target.endswith("/affinity")}
+        wanted = [a for a in actions if parents.get(a.target)]
+        if not wanted:
+            return
+        log = self._log()
+        originals = {workloads.parse_key(e.target)[1]: e.original for e in log.entries()
+                     if e.tuner == isolation.NAME and e.target.endswith("/affinity")}
+        rows = []
+        for action in wanted:
+            parent = parents[action.target]
+            if originals.get(parent) is not None:
+                rows.append((action.tuner, action.target, originals[parent], action.desired, name, generation))
+        log.record_originals(rows)
 
     def _model_template(self, effective: policy.Policy, generation: int | None) -> tuple[host.Host, plan.Cpus] | None:
         """The device-less host model and CPU split for this policy, read once per generation."""
