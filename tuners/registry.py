@@ -3,10 +3,10 @@ IRQs before the devices they serve)."""
 
 from __future__ import annotations
 
-from agentlat.tuners import base, blk, cgroup, irq, irqbalance, nic, rps, sched
+from agentlat.tuners import base, blk, cgroup, irq, irqbalance, isolation, nic, rps, sched
 
-ALL: tuple[base.Tuner, ...] = (irqbalance.TUNER, irq.TUNER, sched.TUNER, cgroup.TUNER, nic.TUNER, rps.TUNER,
-                               blk.TUNER)
+ALL: tuple[base.Tuner, ...] = (irqbalance.TUNER, irq.TUNER, sched.TUNER, cgroup.TUNER, isolation.TUNER, nic.TUNER,
+                               rps.TUNER, blk.TUNER)
 
 
 def by_name(name: str) -> base.Tuner:

@@ -109,7 +109,7 @@ def _one(tuned: bool, chosen: policy.Policy, agent: cpulist.CpuSet, probe_config
 def _apply(chosen: policy.Policy, log: journal.Journal) -> dict[str, int]:
     root = pathlib.Path("/")
     with log.lock():
-        the_plan = planner.make_plan(chosen, engine.original_host(root, log, wanted=chosen.workloads))
+        the_plan = planner.make_plan(chosen, engine.original_host(root, log, chosen))
         report = engine.apply(the_plan, context.Context("bench-apply"), log, root, policy=chosen.name,
                               generation=chosen.generation)
     counts: dict[str, int] = {}

@@ -166,7 +166,7 @@ def load_policy(path: pathlib.Path) -> policy.Policy:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     effective = load_policy(args.policy)
-    result = planner.make_plan(effective, host.read(args.root, wanted=effective.workloads), str(args.policy))
+    result = planner.make_plan(effective, host.read_for(effective, args.root), str(args.policy))
     if args.output == "table":
         sys.stdout.write(render.plan_table(result))
     else:
@@ -177,7 +177,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     effective = load_policy(args.policy)
     with _journal(args) as log, log.lock():
-        result = planner.make_plan(effective, engine.original_host(args.root, log, wanted=effective.workloads),
+        result = planner.make_plan(effective, engine.original_host(args.root, log, effective),
                                    str(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"

@@ -87,11 +87,14 @@ def original_view(journal: journal.Journal) -> dict[str, str]:
     return {entry.target: entry.original for entry in journal.entries() if entry.original is not None}
 
 
-def original_host(root: pathlib.Path, journal: journal.Journal, selection: workloads.Selection | None = None,
-                  wanted: Iterable[policy.Workload] = ()) -> host.Host:
+def original_host(root: pathlib.Path, journal: journal.Journal, chosen: policy.Policy | None = None,
+                  selection: workloads.Selection | None = None) -> host.Host:
     """The host model with every journaled original standing in for its live value: what to plan an
     apply against, so "wanted" means "differs from the original", not "differs from now"."""
-    return host.read(root, hostfs.HostFS(root, overrides=original_view(journal)), selection=selection, wanted=wanted)
+    fs = hostfs.HostFS(root, overrides=original_view(journal))
+    if chosen is None:
+        return host.read(root, fs, selection=selection)
+    return host.read_for(chosen, root, fs, selection=selection)
 
 
 def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
@@ -156,6 +159,40 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
     except (OSError, base.Unsupported) as exc:
         return _record(journal, _failure(action.tuner, action.target, exc, original)), False
     return _record(journal, _verified(tuner, root, action.target, action.desired, original, "Applied")), True
+
+
+def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
+              *, policy: str, generation: int) -> Report:
+    """Apply actions on things that just appeared (processes the daemon saw start), releasing nothing.
+    Every original is read first and journaled in one fsynced commit before the first write (still
+    write-ahead: a crash after it reverts whatever was written); outcomes follow in one commit."""
+    results: list[Result] = []
+    ready: list[tuple[plan.Action, base.Tuner, str]] = []
+    for action in actions:
+        tuner = registry.by_name(action.tuner)
+        try:
+            ready.append((action, tuner, tuner.read(root, action.target)))
+        except (OSError, base.Unsupported) as exc:
+            results.append(_failure(action.tuner, action.target, exc, None))
+    journal.record_originals([(a.tuner, a.target, original, a.desired, policy, generation)
+                              for a, _, original in ready])
+    writes = 0
+    journaled: list[Result] = []
+    for index, (action, tuner, original) in enumerate(ready):
+        if ctx.is_stopped():
+            return Report(tuple(results + journaled), writes, True, ctx.is_killed(), len(ready) - index)
+        if tuner.same(action.target, original, action.desired):
+            journaled.append(Result(action.tuner, action.target, "Unchanged", "", None, original, original))
+            continue
+        try:
+            tuner.write(root, action.target, action.desired)
+        except (OSError, base.Unsupported) as exc:
+            journaled.append(_failure(action.tuner, action.target, exc, original))
+            continue
+        journaled.append(_verified(tuner, root, action.target, action.desired, original, "Applied"))
+        writes += 1
+    journal.record_outcomes([(r.tuner, r.target, r.outcome, r.detail) for r in journaled])
+    return Report(tuple(results + journaled), writes)
 
 
 def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,

@@ -152,6 +152,54 @@ class Journal:
         if updated == 0:
             raise KeyError(f"no original recorded for {tuner} {target} in boot {self.boot_id}")
 
+    def record_originals(self, rows: list[tuple[str, str, str | None, str, str, int]]) -> None:
+        """Many :meth:`record_original` rows (tuner, target, original, desired, policy, generation) in one
+        fsynced transaction: a process the daemon saw start costs one fsync before its writes, not one per
+        attribute."""
+        now = self._clock()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.executemany(
+                    "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation,"
+                    " recorded_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (tuner, target, boot_id) DO UPDATE SET desired = excluded.desired,"
+                    " policy = excluded.policy, generation = excluded.generation, updated_at = excluded.updated_at",
+                    [(t, target, self.boot_id, o, d, p, g, now, now) for t, target, o, d, p, g in rows])
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def record_outcomes(self, rows: list[tuple[str, str, str, str]]) -> None:
+        """Many (tuner, target, outcome, detail) in one transaction, not fsynced: an outcome lost in a
+        crash only leaves its original to revert, which is what the original is for."""
+        self._unsynced("UPDATE originals SET outcome = ?, detail = ? WHERE tuner = ? AND target = ? AND boot_id = ?",
+                       [(outcome, detail, tuner, target, self.boot_id) for tuner, target, outcome, detail in rows])
+
+    def forget_tasks(self, tasks: list[tuple[int, int | None]]) -> None:
+        """Forget every ``task/PID/TID@...`` target of exited threads ((pid, None): the whole process), in
+        one transaction, not fsynced: a forgotten row a crash brings back names a thread that is gone."""
+        self._unsynced("DELETE FROM originals WHERE target LIKE ? AND boot_id = ?",
+                       [(f"task/{pid}/{tid if tid is not None else ''}" + ("@%" if tid is not None else "%"),
+                         self.boot_id) for pid, tid in tasks])
+
+    def _unsynced(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        with self._lock:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(sql, rows)
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            finally:
+                self._conn.execute("PRAGMA synchronous=FULL")
+
     def entries(self, current_boot_only: bool = True) -> list[Entry]:
         """Entries in the order their originals were first recorded (revert walks them backwards)."""
         if current_boot_only:

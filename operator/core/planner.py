@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from agentlat.operator.model import errors, host, kubelet, plan, policy, workloads
 from agentlat.tuners import registry
 from agentlat.tuners.kernel import cpulist
@@ -12,6 +14,9 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
     if unread:
         raise ValueError(f"the host was read without discovering workloads {', '.join(unread)}: "
                          "read it with host.read(..., wanted=policy.workloads)")
+    if policy.isolation.move_threads and host.threads is None:
+        raise ValueError("the host was read without its threads: read it with host.read_for(policy, ...)")
+    refuse_self(policy, host, source)
     cpus, notes = resolve_cpus(policy, host, source)
     actions: list[plan.Action] = []
     skips: list[plan.Skip] = list(notes)
@@ -22,6 +27,16 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
             else:
                 skips.append(item)
     return plan.Plan(policy.name, cpus, tuple(actions), tuple(skips))
+
+
+def refuse_self(policy: policy.Policy, host: host.Host, source: str = "") -> None:
+    """InputError when a workload's processSelector selects agentlat itself (on a live root): the daemon
+    would renice, pin or demote its own threads."""
+    problems = [errors.Problem(f"spec.workloads[{index}].processSelector",
+                               f"selects this agentlat process itself (pid {os.getpid()}): narrow it")
+                for index, workload in enumerate(policy.workloads) if workload.name in host.self_selected]
+    if problems:
+        raise errors.InputError(source, problems[:1])
 
 
 def resolve_cpus(policy: policy.Policy, host: host.Host, source: str = "") -> tuple[plan.Cpus, list[plan.Skip]]:
@@ -38,6 +53,7 @@ def resolve_cpus(policy: policy.Policy, host: host.Host, source: str = "") -> tu
     housekeeping = requested & host.online
     if not problems and not housekeeping:
         field = "spec.housekeepingCpus" if policy.housekeeping_cpus is not None else "spec.agentCpus"
+        field = "spec.isolation" if policy.isolation.enabled else field
         problems.append(errors.Problem(field, f"leaves no online housekeeping CPU (online CPUs: "
                                               f"{cpulist.format(host.online)}, agent CPUs: {cpulist.format(agent)})"))
     if problems:

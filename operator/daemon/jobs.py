@@ -72,6 +72,10 @@ class Queue:
         for job_ctx in stopping:
             job_ctx.stop()  # a newer event for the same key: the older reaction yields after its current write
 
+    def running(self, kind: str) -> bool:
+        with self._cv:
+            return any(job.kind == kind for job, _ in self._running.values())
+
     def busy(self) -> bool:
         with self._cv:
             return bool(self._jobs) or bool(self._running)

@@ -31,8 +31,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from agentlat.operator.core import context, engine, journal
-from agentlat.operator.daemon import devices, drift, jobs, metrics, ratelimit, reconcile, status
+from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.daemon import devices, drift, jobs, metrics, procevents, ratelimit, reconcile, status
 from agentlat.operator.model import errors, host, policy, workloads
 from agentlat.tuners.kernel import cpulist, hostfs, uevents
 
@@ -76,6 +76,9 @@ class NodeDaemon:
         self._irqs = devices.IrqWatch(root)
         self._reconciler = reconcile.Reconciler(root, self._open_journal, self._status, self._drifts,
                                                 self._irqbalance, self._irqs, self.metrics, clock)
+        self._procs = procevents.Listener(root, desired=self._status.enforced, log=self._open_journal,
+                                          selection=lambda: self._status.desired()[2], resync=self.overflowed,
+                                          full_running=lambda: self._queue.running("full"), registry=self.metrics)
         now = clock()
         self._next_irq = now
         self._next_verify = now + self.options.verify_interval
@@ -103,9 +106,12 @@ class NodeDaemon:
                                         name=f"agentlat-worker-{n}", daemon=True) for n in range(self._queue.workers)]
             for worker in workers:
                 worker.start()
+            if host.is_live(self.root):
+                self._procs.start()
             try:
                 self._loop(ctx, source, wake_r)
             finally:
+                self._procs.stop()
                 self._queue.shut_down()
                 self._relay_stop()
                 self._join(workers)
@@ -116,7 +122,7 @@ class NodeDaemon:
                 self._wake_w = None
 
     def snapshot(self) -> status.NodeState:
-        return self._status.snapshot(self._drifts.view(self.clock()))
+        return self._status.snapshot(self._drifts.view(self.clock()), self._procs.figures(), self._procs.degraded())
 
     def hotplug_latencies(self) -> tuple[float, ...]:
         """The last ``Options.latency_samples`` hotplug-to-tuned latencies (seconds), oldest first."""
@@ -298,6 +304,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def cmd_run(args: argparse.Namespace) -> int:
     effective = policy.merge(policy.load_file(args.policy))  # bad input: exit 2 before touching anything
+    planner.refuse_self(effective, host.read(args.root, wanted=effective.workloads), str(args.policy))
     if args.verify_interval <= 0 or args.irq_interval <= 0:
         raise errors.single("agentlat run", "--verify-interval/--irq-interval", "must be positive")
     logging.basicConfig(level=logging.INFO, format="agentlat: %(message)s", stream=sys.stderr)

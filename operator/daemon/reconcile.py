@@ -132,7 +132,7 @@ class Reconciler:
     def _plan(self, job: jobs.Job, effective: policy.Policy, selection: workloads.Selection | None,
               fs: hostfs.HostFS) -> tuple[host.Host, plan.Plan] | None:
         try:
-            model = host.read(self.root, fs, selection=selection, wanted=effective.workloads)
+            model = host.read_for(effective, self.root, fs, selection=selection)
             return model, planner.make_plan(effective, model, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("%s: cannot plan: %s", job.key, exc)

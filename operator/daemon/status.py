@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import pathlib
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from agentlat.operator.core import engine
@@ -229,7 +229,9 @@ class Status:
 
     # -- the report ---------------------------------------------------------------------------------------
 
-    def snapshot(self, drifting: Drifting) -> NodeState:
+    def snapshot(self, drifting: Drifting, observed: Mapping[str, float] | None = None,
+                 degraded: Sequence[tuple[str, str]] = ()) -> NodeState:
+        """``observed`` and ``degraded``: figures and reasons of the process-event listener."""
         with self._lock:
             effective, generation = self._desired if self._desired is not None else (None, None)
             samples = sorted(self._samples)
@@ -239,13 +241,14 @@ class Status:
                 hotplug_samples=len(samples), drift_corrections=drifting.corrections, contested=drifting.contested,
                 flapping=drifting.flapping, uevents=self._counters["uevents"],
                 overflows=self._counters["overflows"], reactions=self._counters["reactions"],
-                observed=dict(self._observation))
+                observed={**self._observation, **(observed or {})})
             planned = self._planned
             return NodeState(
                 policy=effective.name if effective is not None else None,
                 generation=self._applied[1],
                 desired_generation=generation,
-                conditions=(self._applied_condition(effective, generation), self._degraded_condition(drifting),
+                conditions=(self._applied_condition(effective, generation),
+                            self._degraded_condition(drifting, degraded),
                             drifted_condition(drifting)),
                 results=tuple(self._results), skipped=planned.skips if planned else (), counts=dict(self._counts),
                 measurements=measurements, irqbalance=planned.irqbalance if planned else ())
@@ -269,7 +272,7 @@ class Status:
             return Condition("Applied", "False", "Interrupted", f"generation {generation} was stopped part-way")
         return Condition("Applied", "False", "Reconciling", f"generation {generation} is being applied")
 
-    def _degraded_condition(self, drifting: Drifting) -> Condition:
+    def _degraded_condition(self, drifting: Drifting, extra: Sequence[tuple[str, str]]) -> Condition:
         reasons: list[tuple[str, str]] = []
         report = self._last_full[0] if self._last_full is not None else None
         if self._problem is not None:
@@ -287,6 +290,7 @@ class Status:
             reasons.append(("IrqbalanceNotCoordinated", problem))
         if self.source_problem is not None:
             reasons.append(("NoUevents", self.source_problem))
+        reasons += extra
         if not reasons:
             return Condition("Degraded", "False", "AsExpected", "every action holds or is unsupported here")
         return Condition("Degraded", "True", reasons[0][0], "; ".join(message for _, message in reasons))

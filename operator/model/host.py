@@ -9,10 +9,12 @@ import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from agentlat.operator.model import kubelet, policy, workloads
 from agentlat.tuners.kernel import cpulist, ethtool, hostfs, irqbalance
 
+WORKQUEUE_CPUMASK = "sys/devices/virtual/workqueue/cpumask"
 _PCI_ADDRESS = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 _CHIP_PCI = re.compile(r"PCI-MSI(?:X)?-([0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7])")
 
@@ -105,6 +107,12 @@ class Host:
     found: Mapping[str, workloads.Found] = dataclasses.field(default_factory=dict)
     rt_runtime_us: int | None = None  # kernel.sched_rt_runtime_us: -1 no RT throttling, 0 RT tasks never run
     irqbalance: tuple[irqbalance.Found, ...] = ()  # running instances and what they ban
+    # CPU isolation: every thread (None unless asked for), the unbound-workqueue mask, each online CPU's
+    # PM QoS resume latency (None where the file is missing)
+    threads: tuple[workloads.Thread, ...] | None = None
+    workqueue_cpumask: str | None = None
+    resume_latency: Mapping[int, str | None] = dataclasses.field(default_factory=dict)
+    self_selected: frozenset[str] = frozenset()  # wanted workloads whose selector matches agentlat itself
 
     @property
     def offline(self) -> cpulist.CpuSet:
@@ -118,10 +126,16 @@ class HostError(Exception):
     """The root does not look like a Linux host tree (wrong --root, missing /proc)."""
 
 
-def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
-         selection: workloads.Selection | None = None, wanted: Iterable[policy.Workload] = ()) -> Host:
-    """Everything planning needs, read now: devices, IRQs, CPUs, and the processes of the ``wanted``
-    workloads (a policy's ``workloads``)."""
+def read_for(chosen: policy.Policy, root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
+             selection: workloads.Selection | None = None) -> Host:
+    """Everything planning ``chosen`` needs."""
+    return read(root, fs, selection=selection, wanted=chosen.workloads, threads=chosen.isolation.move_threads)
+
+
+def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *, selection: workloads.Selection | None = None,
+         wanted: Iterable[policy.Workload] = (), threads: bool | frozenset[int] = False) -> Host:
+    """Everything planning needs, read now: devices, IRQs, CPUs, the processes of the ``wanted``
+    workloads (a policy's ``workloads``) and, for CPU isolation, every thread (or those of a set of PIDs)."""
     fs = fs or hostfs.HostFS(root)
     interrupts = fs.read("proc/interrupts")
     online_text = fs.read("sys/devices/system/cpu/online")
@@ -147,17 +161,35 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
         netdevs=netdevs,
         blockdevs=blockdevs,
         kubelet_cpus=kubelet.exclusive_cpus(fs),
-        selection=selection,
-        found=_discover(fs, selection, wanted),
         rt_runtime_us=fs.read_int("proc/sys/kernel/sched_rt_runtime_us"),
         irqbalance=_read_irqbalance(fs),
+        workqueue_cpumask=fs.read(WORKQUEUE_CPUMASK),
+        resume_latency={cpu: fs.read(resume_latency_file(cpu)) for cpu in sorted(online)},
+        **_processes(workloads.Discovery(fs), selection, wanted, threads),
     )
 
 
-def _discover(fs: hostfs.HostFS, selection: workloads.Selection | None,
-              wanted: Iterable[policy.Workload]) -> dict[str, workloads.Found]:
-    discovery = workloads.Discovery(fs)
-    return {workload.name: discovery.find(workload, workloads.pods_for(selection, workload)) for workload in wanted}
+def with_processes(model: Host, discovery: workloads.Discovery, *, selection: workloads.Selection | None,
+                   wanted: Iterable[policy.Workload], threads: bool | frozenset[int] = False) -> Host:
+    """``model`` with its process facts read anew through ``discovery``: the daemon's reaction to new
+    processes re-reads only them, on the host model it already has."""
+    return dataclasses.replace(model, **_processes(discovery, selection, wanted, threads))
+
+
+def resume_latency_file(cpu: int) -> str:
+    return f"sys/devices/system/cpu/cpu{cpu}/power/pm_qos_resume_latency_us"
+
+
+def _processes(discovery: workloads.Discovery, selection: workloads.Selection | None,
+               wanted: Iterable[policy.Workload], threads: bool | frozenset[int]) -> dict[str, Any]:
+    chosen = tuple(wanted)
+    return {
+        "selection": selection,
+        "found": {workload.name: discovery.find(workload, workloads.pods_for(selection, workload))
+                  for workload in chosen},
+        "threads": tuple(discovery.threads(threads if isinstance(threads, frozenset) else None)) if threads else None,
+        "self_selected": frozenset(workload.name for workload in chosen if discovery.selects_self(workload)),
+    }
 
 
 def _read_irqbalance(fs: hostfs.HostFS) -> tuple[irqbalance.Found, ...]:

@@ -74,6 +74,17 @@ class IrqPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class Isolation:
+    move_threads: bool = False
+    workqueue: bool = False
+    idle_resume_latency_micros: int | None = None  # 0: no idle state but polling (the kernel's "n/a")
+
+    @property
+    def enabled(self) -> bool:
+        return self.move_threads or self.workqueue or self.idle_resume_latency_micros is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class NicRule:
     name: str | None
     driver: str | None
@@ -103,6 +114,7 @@ class Policy:
     housekeeping_cpus: cpulist.CpuSet | None = None
     workloads: tuple[Workload, ...] = ()
     irq: IrqPolicy = IrqPolicy()
+    isolation: Isolation = Isolation()
     nic: tuple[NicRule, ...] = ()
     block: tuple[BlockRule, ...] = ()
     step_p99_micros: int | None = None
@@ -222,6 +234,7 @@ def _build(metadata: dict[str, Any], spec: dict[str, Any]) -> Policy:
     agent = spec.get("agentCpus")
     housekeeping = spec.get("housekeepingCpus")
     irq = spec["irq"]
+    isolation = spec["isolation"]
     budget = spec.get("latencyBudget", {})
     return Policy(
         name=metadata["name"],
@@ -234,6 +247,7 @@ def _build(metadata: dict[str, Any], spec: dict[str, Any]) -> Policy:
         workloads=tuple(_workload(item) for item in spec.get("workloads", ())),
         irq=IrqPolicy(irq["moveOffAgentCpus"], irq["setDefaultAffinity"], tuple(irq.get("exclude", ())),
                       irq["rps"], irq["irqbalance"]),
+        isolation=Isolation(isolation["moveThreads"], isolation["workqueue"], isolation.get("idleResumeLatencyMicros")),
         nic=tuple(NicRule(rule["match"].get("name"), rule["match"].get("driver"), dict(rule.get("coalesce", {})))
                   for rule in spec.get("nic", ())),
         block=tuple(_block(rule) for rule in spec.get("block", ())),

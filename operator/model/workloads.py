@@ -43,6 +43,7 @@ from agentlat.operator.model import policy
 from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
 PF_KTHREAD = 0x00200000
+PF_NO_SETAFFINITY = 0x04000000  # per-CPU kernel threads: sched_setaffinity refuses them (EINVAL)
 QOS_CLASSES = ("", "burstable", "besteffort")
 
 # Interface files read for every cgroup a workload lives in: the ones the cgroup tuner may write, plus
@@ -119,6 +120,28 @@ class Process:
                     except cpulist.CpuListError:
                         return None
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Thread:
+    """Any thread on the host, user or kernel, as CPU isolation sees it."""
+
+    pid: int
+    tid: int
+    start: int
+    comm: str
+    kthread: bool
+    no_setaffinity: bool  # PF_NO_SETAFFINITY: the kernel keeps it where it is
+    affinity: cpulist.CpuSet
+    cgroup: str  # its process's cgroup v2 path (or the first v1 one), "" when unknown
+
+    def key(self, attr: str) -> str:
+        return task_key(self.pid, self.tid, self.start, attr)
+
+    @property
+    def label(self) -> str:
+        kind = "kernel thread" if self.kthread else f"pid {self.pid} tid"
+        return f"{kind} {self.tid} ({self.comm})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,13 +227,16 @@ def parse_stat(text: str) -> Stat:
 class Discovery:
     """Memoized reads of processes, threads and cgroups for the workloads ``host.read`` is asked about."""
 
-    def __init__(self, fs: hostfs.HostFS, backend: taskattrs.Backend | None = None) -> None:
+    def __init__(self, fs: hostfs.HostFS, backend: taskattrs.Backend | None = None,
+                 cgroups: dict[str, Cgroup | None] | None = None) -> None:
+        """``cgroups``: a cache to share across reads (the daemon's per-process reactions: new processes
+        mostly join cgroups already read)."""
         self.fs = fs
         self.live = taskattrs.is_live(fs.root)
         self.backend = backend or taskattrs.backend_for(fs.root)
         self._lock = threading.RLock()
         self._found: dict[tuple[str, tuple[str, ...] | None], Found] = {}
-        self._cgroups: dict[str, Cgroup | None] = {}
+        self._cgroups: dict[str, Cgroup | None] = cgroups if cgroups is not None else {}
         self._hierarchies: list[Hierarchy] | None = None
         self._processes: dict[tuple[int, str | None], Process | None] = {}
 
@@ -244,6 +270,53 @@ class Discovery:
         if not found:
             return Found(workload.name, (), f"no running process matches {what}")
         return Found(workload.name, found)
+
+    def threads(self, pids: frozenset[int] | None = None) -> Iterator[Thread]:
+        """Every live thread of every process (or of ``pids``), kernel threads included, with its affinity
+        (a journaled original standing in for the live one, as for workloads)."""
+        listed = (int(name) for name in self.fs.listdir("proc") if name.isdigit())
+        for pid in sorted(listed if pids is None else pids):
+            paths = self._cgroup_paths(pid)
+            group = next((path for names, path in paths if not names), paths[0][1] if paths else "")
+            for name in self.fs.listdir(f"proc/{pid}/task"):
+                if not name.isdigit():
+                    continue
+                tid = int(name)
+                stat = self._stat(f"proc/{pid}/task/{tid}/stat")
+                if stat is None or stat.state in "ZX":
+                    continue
+                key = task_key(pid, tid, stat.start, "affinity")
+                original = self.fs.overrides.get(key)
+                try:
+                    affinity = cpulist.parse(original) if original is not None else self._affinity(pid, tid)
+                except (OSError, ValueError, taskattrs.Unsupported, cpulist.CpuListError):
+                    continue  # exited meanwhile
+                yield Thread(pid, tid, stat.start, stat.comm, bool(stat.flags & PF_KTHREAD),
+                             bool(stat.flags & PF_NO_SETAFFINITY), affinity, group)
+
+    def _affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
+        if self.live:
+            return frozenset(os.sched_getaffinity(tid))
+        return self.backend.attrs(pid, tid).affinity
+
+    def selects_self(self, workload: policy.Workload) -> bool:
+        """Whether the workload's processSelector matches this very process (the agentlat daemon or CLI):
+        only on a live root, where tuning it would tune ourselves."""
+        selector = workload.process_selector
+        if not self.live or selector is None or (selector.comm is None and selector.cmdline is None
+                                                 and selector.cgroup is None):
+            return False
+        pid = os.getpid()
+        stat = self._stat(f"proc/{pid}/stat")
+        args = self._cmdline(pid)
+        if stat is None or args is None:
+            return False
+        if selector.comm is not None and not re.search(selector.comm, stat.comm):
+            return False
+        if selector.cmdline is not None and not re.search(selector.cmdline, args):
+            return False
+        return selector.cgroup is None or any(fnmatch.fnmatchcase(p, selector.cgroup)
+                                              for _, p in self._cgroup_paths(pid))
 
     def _scan(self, selector: policy.ProcessSelector) -> Iterator[Process]:
         if selector.comm is None and selector.cmdline is None and selector.cgroup is None:

@@ -130,7 +130,7 @@ def test_stop_and_kill_through_the_context_leave_a_revertible_journal(tmp_path: 
             getattr(ctx, how)()
 
     with journal.Journal.open(tmp_path, host.read(ROOT).boot_id or "") as log:
-        the_plan = planner.make_plan(chosen, engine.original_host(ROOT, log, wanted=chosen.workloads))
+        the_plan = planner.make_plan(chosen, engine.original_host(ROOT, log, chosen))
         report = engine.apply(the_plan, ctx, log, ROOT, policy="ctx", generation=1, after_write=interrupt)
         assert report.stopped and report.writes == 5 and report.killed == (how == "kill")
         assert len(log.entries()) == 5

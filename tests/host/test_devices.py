@@ -47,7 +47,7 @@ def device_policy(**fields: object) -> policy.Policy:
 
 def live_plan(chosen: policy.Policy, log: journal.Journal, keep: Callable[[str], bool]) -> plan.Plan:
     """The plan against journaled originals, narrowed to the test's own devices."""
-    full = planner.make_plan(chosen, engine.original_host(ROOT, log, wanted=chosen.workloads))
+    full = planner.make_plan(chosen, engine.original_host(ROOT, log, chosen))
     return plan.Plan(full.policy, full.cpus, tuple(a for a in full.actions if keep(a.target)),
                      tuple(s for s in full.skips if keep(s.target)))
 

@@ -31,7 +31,7 @@ def tree_bytes(root: pathlib.Path) -> dict[str, bytes]:
 def apply_policy(chosen: policy.Policy, root: pathlib.Path, log: journal.Journal,
                  ctx: context.Context | None = None, after_write: engine.WriteHook | None = None) -> engine.Report:
     """Plan against the journaled originals and apply, as `agentlat apply` does."""
-    result = planner.make_plan(chosen, engine.original_host(root, log, wanted=chosen.workloads))
+    result = planner.make_plan(chosen, engine.original_host(root, log, chosen))
     return engine.apply(result, ctx or context.Context(), log, root, policy=chosen.name,
                         generation=chosen.generation, after_write=after_write)
 
