@@ -231,8 +231,9 @@ class NodeDaemon:
         what = f"generation {generation}" if effective is not None else "no policy: revert"
         self.enqueue(_Job("full", "full", what))
 
-    def run(self, ctx: context.Context) -> None:
-        """Apply, then react to uevents, new IRQs and drift until ``ctx`` stops. Keeps every setting."""
+    def run(self, ctx: context.Context, started: Callable[[], None] | None = None) -> None:
+        """Apply, then react to uevents, new IRQs and drift until ``ctx`` stops. Keeps every setting.
+        ``started`` is called once the state dir is held (``journal.JournalLocked`` if another holds it)."""
         log = self._open_journal()
         with log.lock():
             source = self._open_source()
@@ -244,6 +245,8 @@ class NodeDaemon:
             for worker in workers:
                 worker.start()
             try:
+                if started is not None:
+                    started()
                 self._loop(ctx, source, wake_r)
             finally:
                 with self._cv:
