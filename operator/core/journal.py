@@ -83,17 +83,24 @@ class Journal:
             state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             state_dir.chmod(0o700)  # whatever the umask
             _fsync_dir(state_dir.parent)
-        # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
-        conn = sqlite3.connect(state_dir / "journal.sqlite3", isolation_level=None, check_same_thread=False)
+        # Two openers at once (agents or applies starting together) would both upgrade their sqlite locks to
+        # create the database, and sqlite answers one "database is locked" without waiting: take turns.
+        dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
-        except BaseException:
-            conn.close()
-            raise
-        # sqlite fsyncs the directory for the WAL it creates, not for the database file itself.
-        _fsync_dir(state_dir)
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)
+            # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
+            conn = sqlite3.connect(state_dir / "journal.sqlite3", isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.executescript(_SCHEMA)
+            except BaseException:
+                conn.close()
+                raise
+            # sqlite fsyncs the directory for the WAL it creates, not for the database file itself.
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return cls(conn, state_dir, boot_id, clock)
 
     def close(self) -> None:

@@ -94,8 +94,9 @@ class NodeDaemon:
         what = f"generation {generation}" if effective is not None else "no policy: revert"
         self.enqueue(jobs.Job("full", "full", what))
 
-    def run(self, ctx: context.Context) -> None:
-        """Apply, then react to uevents, new IRQs and drift until ``ctx`` stops. Keeps every setting."""
+    def run(self, ctx: context.Context, started: Callable[[], None] | None = None) -> None:
+        """Apply, then react to uevents, new IRQs and drift until ``ctx`` stops. Keeps every setting.
+        ``started`` is called once the state dir is held (``journal.JournalLocked`` if another holds it)."""
         log = self._open_journal()
         with log.lock():
             source = self._open_source()
@@ -109,6 +110,8 @@ class NodeDaemon:
             if host.is_live(self.root):
                 self._procs.start()
             try:
+                if started is not None:
+                    started()
                 self._loop(ctx, source, wake_r)
             finally:
                 self._procs.stop()

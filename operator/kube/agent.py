@@ -288,6 +288,7 @@ class Agent:
         self._written_for: tuple[str, int] | None = None
         self._written_at = float("-inf")
         self._daemon_thread: threading.Thread | None = None
+        self._daemon_started = False
         self._daemon_failure: BaseException | None = None
         fields = {"field_selector": f"metadata.name={node}"}
         self.profile_watch = ListWatch(
@@ -355,42 +356,72 @@ class Agent:
     # -- the loop ----------------------------------------------------------------------------------------------
 
     def run(self, ctx: context.Context) -> None:
-        """Blocks until ``ctx`` stops; every setting stays on the host."""
+        """Blocks until ``ctx`` stops; every setting stays on the host.
+
+        The watches and status writes start only once the daemon holds the state dir: an agent whose daemon
+        cannot run (another agent on this node holds it) exits with that error and never speaks for the node.
+        """
         ctx.on_stop(self._wake)
-        threads = [
-            threading.Thread(target=self._run_daemon, args=(ctx.child("daemon"),), name="agentlat-daemon",
-                             daemon=True),
-            threading.Thread(target=self.profile_watch.run, args=(ctx.child("profile-watch"),),
-                             name="agentlat-profile-watch", daemon=True),
-            threading.Thread(target=self.pod_watch.run, args=(ctx.child("pod-watch"),), name="agentlat-pod-watch",
-                             daemon=True),
-        ]
+        threads = [threading.Thread(target=self._run_daemon, args=(ctx.child("daemon"),), name="agentlat-daemon",
+                                    daemon=True)]
         self._daemon_thread = threads[0]
-        for thread in threads:
-            thread.start()
+        threads[0].start()
         try:
-            while not ctx.is_stopped():
-                with self._changed:
-                    self._changed.wait(self.status_interval)
-                if ctx.is_stopped() or self._daemon_failure is not None:
-                    break
-                if self.settle:
-                    ctx.wait_stopped(self.settle)  # let a burst of pod events land before deciding
-                self.step()
+            if self._wait_for_daemon(ctx):
+                threads += [
+                    threading.Thread(target=self.profile_watch.run, args=(ctx.child("profile-watch"),),
+                                     name="agentlat-profile-watch", daemon=True),
+                    threading.Thread(target=self.pod_watch.run, args=(ctx.child("pod-watch"),),
+                                     name="agentlat-pod-watch", daemon=True),
+                ]
+                for thread in threads[1:]:
+                    thread.start()
+                self._loop(ctx)
         finally:
             ctx.stop()
             for thread in threads:
                 thread.join(30)
-        if self._daemon_failure is not None:
-            raise RuntimeError(f"the node daemon failed: {self._daemon_failure}") from self._daemon_failure
+        failure = self._daemon_failure
+        if isinstance(failure, journal.JournalLocked):
+            raise journal.JournalLocked(f"the node daemon cannot run: {failure}") from failure
+        if failure is not None:
+            raise RuntimeError(f"the node daemon failed: {failure}") from failure
+
+    def _wait_for_daemon(self, ctx: context.Context) -> bool:
+        """Until the daemon holds the state dir (True), fails or ``ctx`` stops."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._daemon_started or self._daemon_failure is not None
+                                   or ctx.is_stopped())
+            return self._daemon_started and self._daemon_failure is None
+
+    def _loop(self, ctx: context.Context) -> None:
+        while not ctx.is_stopped():
+            with self._changed:
+                self._changed.wait(self.status_interval)
+            if ctx.is_stopped() or self._daemon_failure is not None:
+                return
+            if self.settle:
+                ctx.wait_stopped(self.settle)  # let a burst of pod events land before deciding
+            self.step()
 
     def _run_daemon(self, ctx: context.Context) -> None:
         try:
-            self.daemon.run(ctx)
-        except BaseException as exc:  # e.g. another agent holds the state dir: exit so the pod restarts
+            self.daemon.run(ctx, started=self._on_daemon_started)
+        except journal.JournalLocked as exc:  # another agent holds the state dir: exit so the pod restarts
+            self._on_daemon_failed(exc)
+        except BaseException as exc:
             logger.exception("the node daemon failed")
+            self._on_daemon_failed(exc)
+
+    def _on_daemon_started(self) -> None:
+        with self._changed:
+            self._daemon_started = True
+            self._changed.notify_all()
+
+    def _on_daemon_failed(self, exc: BaseException) -> None:
+        with self._changed:
             self._daemon_failure = exc
-            self._wake()
+            self._changed.notify_all()
 
     def _wake(self) -> None:
         with self._changed:

@@ -227,7 +227,8 @@ class ApiServer:
 
         self._thread = threading.Thread(target=run, name="kube-apiserver-harness", daemon=True)
         self._thread.start()
-        ready.wait(10)
+        if not ready.wait(10):
+            raise TimeoutError("the API harness did not start listening within 10 s")
         if failure:
             raise failure[0]
         return self

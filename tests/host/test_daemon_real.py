@@ -17,7 +17,7 @@ import os
 import pathlib
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -51,15 +51,6 @@ def two_cpus(real_host_guard: dict[str, str]) -> None:
         pytest.skip("written for this 2-CPU machine kind: needs online CPUs 0-1")
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    pause = threading.Event()
-    for _ in range(int(GUARD / 0.01)):
-        if condition():
-            return
-        pause.wait(0.01)
-    raise AssertionError(f"not reached within {GUARD:.0f} s: {what}")
-
-
 def read(path: str) -> str:
     try:
         return pathlib.Path(path).read_text().strip()
@@ -90,7 +81,7 @@ def loop_devices(tmp_path: pathlib.Path) -> Iterator[list[str]]:
             subprocess.run(["losetup", "-d", f"/dev/{name}"], check=False, timeout=GUARD, capture_output=True)
         try:
             # A detach completes when the last opener lets go: LOOP_CTL_REMOVE answers EBUSY until then.
-            wait_for(lambda: all(_removed(control, name) for name in names), "loop devices removed")
+            realhost.wait_for(lambda: all(_removed(control, name) for name in names), "loop devices removed")
         finally:
             os.close(control)
 
@@ -135,19 +126,20 @@ def test_hotplugged_loops_and_veths_are_tuned_and_drift_is_corrected(tmp_path: p
     try:
         RPS_DEFAULT.write_text("3\n")  # new queues start with RPS on CPUs 0-1: the agent CPU must go
         with running(node):
-            wait_for(lambda: node.snapshot().generation == 1, "the initial apply")
+            realhost.wait_for(lambda: node.snapshot().generation == 1, "the initial apply")
             with loop_devices(tmp_path) as loops:
                 ip_batch([f"link add {name}a type veth peer name {name}b" for name in vethnames])
                 queues = [f"/sys/class/net/{name}{end}/queues/rx-0/rps_cpus" for name in vethnames for end in "ab"]
-                wait_for(lambda: all(read(f"/sys/block/{name}/queue/nr_requests") == "64" for name in loops),
-                         "every loop disk has nr_requests 64")
-                wait_for(lambda: all(read(path) == "1" for path in queues), "every veth queue has RPS off CPU 1")
+                realhost.wait_for(lambda: all(read(f"/sys/block/{name}/queue/nr_requests") == "64" for name in loops),
+                                  "every loop disk has nr_requests 64")
+                realhost.wait_for(lambda: all(read(path) == "1" for path in queues),
+                                  "every veth queue has RPS off CPU 1")
 
                 def counted() -> float:
                     return sum(node.metrics.registry.get_sample_value("agentlat_hotplug_to_tuned_seconds_count",
                                                                       {"kind": kind}) or 0 for kind in ("net", "block"))
 
-                wait_for(lambda: counted() >= len(loops) + 2 * VETHS, "a latency sample for every device")
+                realhost.wait_for(lambda: counted() >= len(loops) + 2 * VETHS, "a latency sample for every device")
                 state = node.snapshot()
                 print(f"\nhotplug-to-tuned over {state.measurements.hotplug_samples} reactions "
                       f"({len(loops)} loop disks one by one, {2 * VETHS} veths in one burst): "
@@ -156,13 +148,13 @@ def test_hotplugged_loops_and_veths_are_tuned_and_drift_is_corrected(tmp_path: p
                 target = pathlib.Path(f"/proc/irq/{movable.number}/smp_affinity_list")
                 assert target.read_text().strip() == "0"
                 target.write_text("0-1\n")  # someone else puts it back on the agent CPU
-                wait_for(lambda: target.read_text().strip() == "0", f"irq {movable.number} restored")
-                wait_for(lambda: node.snapshot().measurements.drift_corrections >= 1, "the correction counted")
+                realhost.wait_for(lambda: target.read_text().strip() == "0", f"irq {movable.number} restored")
+                realhost.wait_for(lambda: node.snapshot().measurements.drift_corrections >= 1, "the correction counted")
                 assert (node.metrics.registry.get_sample_value("agentlat_drift_corrections_total",
                                                                {"tuner": "irq"}) or 0) >= 1
                 ip_batch([f"link del {name}a" for name in vethnames])
-            wait_for(lambda: not any(e.target.startswith(("sys/class/net/alat", "sys/block/loop9"))
-                                     for e in node._open_journal().entries()), "removed devices forgotten")
+            realhost.wait_for(lambda: not any(e.target.startswith(("sys/class/net/alat", "sys/block/loop9"))
+                                              for e in node._open_journal().entries()), "removed devices forgotten")
         assert read("/sys/class/net/eth0/queues/rx-0/rps_cpus") in ("0", "1"), "settings kept after stop"
     finally:
         ip_batch([f"link del {name}a" for name in vethnames])

@@ -23,6 +23,7 @@ from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, cgroup, sched
 from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
+from tests.plugins import realhost
 
 pytestmark = pytest.mark.host
 
@@ -211,12 +212,9 @@ def test_agent_and_background_workloads_apply_and_revert_exactly(
         assert apply(chosen, log).writes == 0
 
         background.process.send_signal(signal.SIGUSR1)  # a thread started after apply
-        deadline = time.monotonic() + 10
-        while len(background.tids()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        realhost.wait_for(lambda: len(background.tids()) >= 5, "the thread started after apply is listed", 10)
         late = next(tid for tid in background.tids() if tid not in tids)
-        while os.sched_getaffinity(late) != online and time.monotonic() < deadline:
-            time.sleep(0.02)
+        realhost.wait_for(lambda: os.sched_getaffinity(late) == online, f"tid {late} runs on every online CPU", 10)
         threads_before[late] = thread_state(late)
         assert threads_before[late]["policy"] == os.SCHED_OTHER
         caught = apply(chosen, log)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import pathlib
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import kubernetes.client
 import prometheus_client
 import pytest
 
-from agentlat.operator.core import engine
+from agentlat.operator.core import engine, journal
 from agentlat.operator.daemon import metrics
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import agent, profiles
@@ -265,15 +266,52 @@ def test_agent_metrics_share_the_daemon_registry(tmp_path: pathlib.Path) -> None
         assert f"# TYPE {name} " in text, name
 
 
+def status_writes(node: Node) -> float:
+    return node.daemon.metrics.registry.get_sample_value("agentlat_agent_status_writes_total", {"result": "ok"}) or 0
+
+
 def test_agent_exits_when_its_daemon_cannot_run(
     kube_apiserver: apiserver.ApiServer, kube_client: ClientFactory, start_node: Callable[..., Node]
 ) -> None:
     first = start_node("n1", {})
+    # The first agent watches only once its daemon holds the state dir: from here on the second must lose.
     kube_apiserver.wait_for(lambda: first.agent.profile_watch.lists >= 1, 15)
     second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent"))  # the same state dir
     try:
-        with pytest.raises(RuntimeError, match="the node daemon failed: another agentlat apply"):
+        held = rf"^the node daemon cannot run: .* holds {re.escape(str(first.state / 'lock'))}$"
+        with pytest.raises(journal.JournalLocked, match=held):
             second.agent.run(second.ctx)
         assert second.agent.health() == (False, "the node daemon has stopped")
+        assert second.agent.profile_watch.lists == 0 and second.agent.pod_watch.lists == 0
+        assert first.failure is None and first.agent.health()[0]
     finally:
         second.daemon.close()
+
+
+def test_of_two_agents_started_at_once_the_one_without_the_state_dir_exits_without_writing(
+    kube_apiserver: apiserver.ApiServer, kube_client: ClientFactory, admin: kubernetes.client.CustomObjectsApi,
+    fixture_host: Callable[[str], pathlib.Path], tmp_path: pathlib.Path,
+) -> None:
+    server = kube_apiserver
+    server.put_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
+    admin.create_cluster_custom_object(G, V, PROFILES, profile_body("n1", agentCpus="1"))
+    root = fixture_host("vm-2cpu")
+    agents = [Node("n1", root, tmp_path / "state", kube_client(NS, "agentlat-agent")) for _ in range(2)]
+    try:
+        for node in agents:
+            node.start()
+        losers = server.wait_for(lambda: [node for node in agents if not node.thread.is_alive()], 15,
+                                 "neither agent exited")
+        server.wait_for(lambda: applied(server, "n1", 1), 15, "the agent holding the state dir did not apply")
+        [loser], [winner] = losers, [node for node in agents if node not in losers]
+        assert isinstance(loser.failure, journal.JournalLocked), loser.failure
+        assert str(loser.failure).startswith("the node daemon cannot run: ")
+        assert loser.agent.health() == (False, "the node daemon has stopped")
+        # Before the daemon held the state dir the agent used to list the profile and write its status.
+        assert status_writes(loser) == 0 and loser.agent.profile_watch.lists == 0
+        assert winner.thread.is_alive() and winner.failure is None and status_writes(winner) >= 1
+        assert winner.read(IRQ) == "0"
+    finally:
+        for node in agents:
+            if node.thread.ident is not None:  # started
+                node.stop()

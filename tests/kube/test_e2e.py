@@ -82,7 +82,15 @@ class Node:
                                     "watch_timeout": 30, "liveness_window": 60.0, **options}
         self.agent = agent.Agent(api, name, self.daemon, registry, **settings)
         self.ctx = context.Context(f"agent-{name}")
-        self.thread = threading.Thread(target=self.agent.run, args=(self.ctx,), name=f"agent-{name}", daemon=True)
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"agent-{name}", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.agent.run(self.ctx)
+        except BaseException as exc:  # kept for the test to assert on
+            logging.getLogger(__name__).exception("agent %s exited", self.name)
+            self.failure = exc
 
     def start(self) -> Node:
         self.thread.start()

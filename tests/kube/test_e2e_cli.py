@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -98,6 +99,14 @@ def test_controller_agent_and_uninstall_wait_as_processes(
     assert 'agentlat_actions_total{outcome="Applied",tuner="irq"}' in text
     _, text = get(f"http://127.0.0.1:{ports['controller-metrics']}/metrics")
     assert "agentlat_controller_policies 1.0" in text and "agentlat_controller_profiles 1.0" in text
+
+    # A second agent on this node's state dir cannot run: it exits at once with one line, before any watch.
+    second = spawn("agent", "--kubeconfig", configs["agent"], "--node", "n1", "--root", str(root),
+                   "--state", str(tmp_path / "state"), "--liveness=", "--metrics-port=0", log="agent-second.log")
+    assert second.wait(20) == 4
+    [line] = (tmp_path / "agent-second.log").read_text().splitlines()
+    lock = re.escape(str(tmp_path / "state" / "lock"))
+    assert re.fullmatch(rf"agentlat: error: the node daemon cannot run: .* \(pid {agent.pid}\) holds {lock}", line)
 
     # SIGTERM: the agent stops and keeps every setting.
     agent.send_signal(signal.SIGTERM)

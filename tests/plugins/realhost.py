@@ -6,7 +6,9 @@ from __future__ import annotations
 import glob
 import os
 import pathlib
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -22,6 +24,17 @@ def read_guarded() -> dict[str, str]:
             except OSError:
                 continue
     return values
+
+
+def wait_for(condition: Callable[[], bool], what: str, bound: float = 60.0) -> None:
+    """Poll ``condition`` every 10 ms until it holds; fail naming ``what`` after ``bound`` seconds.
+    The kernel does much asynchronously: a test waits for what it proves, never a fixed time."""
+    deadline = time.monotonic() + bound
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {bound:.0f} s: {what}")
+        pause.wait(0.01)
 
 
 def restore(values: dict[str, str]) -> list[str]:

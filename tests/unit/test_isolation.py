@@ -97,7 +97,7 @@ def test_moves_every_other_movable_thread_and_reports_the_rest(root: pathlib.Pat
 
 def test_drift_check_names_threads_put_back_on_agent_cpus(root: pathlib.Path, log: journal.Journal) -> None:
     hosts.apply_policy(make_policy(), root, log)
-    live = planner.make_plan(make_policy(), engine.original_host(root, log, make_policy()))  # original view: for cpus only
+    live = planner.make_plan(make_policy(), engine.original_host(root, log, make_policy()))  # for the cpus only
     assert isolation.strays(make_policy(), host.read_for(make_policy(), root), live.cpus) == []
     taskattrs.backend(root).set_affinity(200, 200, cpulist.parse("0-7"))
     found = isolation.strays(make_policy(), host.read_for(make_policy(), root), live.cpus)
