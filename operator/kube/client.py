@@ -13,19 +13,41 @@ from typing import Any
 import kubernetes.client
 import kubernetes.config
 import prometheus_client
+import yaml
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from agentlat.operator.model import errors
 
 
 def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
-    """In a pod: the ServiceAccount (token refreshed by the client); else ``--kubeconfig``/$KUBECONFIG."""
+    """In a pod: the ServiceAccount (token refreshed by the client); else ``--kubeconfig``/$KUBECONFIG.
+    No usable config is the user's to fix (InputError naming the file), never a client traceback."""
     config = kubernetes.client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
-    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+        except kubernetes.config.ConfigException as exc:
+            raise errors.single("in-cluster config", "", str(exc)) from None
+        return config
+    source, files = _kubeconfig_files(kubeconfig)
+    if not any(os.path.isfile(path) for path in files):
+        hint = "" if kubeconfig else " (outside a pod: pass --kubeconfig FILE or set $KUBECONFIG)"
+        raise errors.single(source, "", f"no kubeconfig: {':'.join(files)} does not exist{hint}")
+    try:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None, client_configuration=config)
+            config_file=":".join(files), client_configuration=config)
+    except (kubernetes.config.ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
+        raise errors.single(source, "", f"{':'.join(files)}: not a usable kubeconfig: {exc}") from None
     return config
+
+
+def _kubeconfig_files(kubeconfig: str | None) -> tuple[str, list[str]]:
+    """(what named them, the files): --kubeconfig, else $KUBECONFIG (a colon-separated list), else ~/.kube/config."""
+    if kubeconfig:
+        return "--kubeconfig", [os.path.expanduser(kubeconfig)]
+    listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
+    if listed:
+        return "$KUBECONFIG", [os.path.expanduser(path) for path in listed]
+    return "kubeconfig", [os.path.expanduser("~/.kube/config")]
 
 
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
