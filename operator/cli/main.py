@@ -49,7 +49,8 @@ class _Version(argparse.Action):
             version = metadata.version(DISTRIBUTION)
         except metadata.PackageNotFoundError:
             version = "unknown (not installed)"
-        parser.exit(0, f"agentlat {version}\n")
+        sys.stdout.write(f"agentlat {version}\n")
+        parser.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

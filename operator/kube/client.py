@@ -30,24 +30,32 @@ def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configurat
         return config
     source, files = _kubeconfig_files(kubeconfig)
     if not any(os.path.isfile(path) for path in files):
-        hint = "" if kubeconfig else " (outside a pod: pass --kubeconfig FILE or set $KUBECONFIG)"
-        raise errors.single(source, "", f"no kubeconfig: {':'.join(files)} does not exist{hint}")
+        raise errors.single(source, "", _missing(source, files))
     try:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=":".join(files), client_configuration=config)
-    except (kubernetes.config.ConfigException, OSError, ValueError, yaml.YAMLError) as exc:
-        raise errors.single(source, "", f"{':'.join(files)}: not a usable kubeconfig: {exc}") from None
+            config_file=os.pathsep.join(files), client_configuration=config)
+    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError,
+            yaml.YAMLError) as exc:  # the loader's own errors on a file that is not a kubeconfig
+        reason = " ".join(str(exc).split())  # one line
+        raise errors.single(source, "", f"{', '.join(files)} is not a usable kubeconfig: {reason}") from None
     return config
 
 
 def _kubeconfig_files(kubeconfig: str | None) -> tuple[str, list[str]]:
-    """(what named them, the files): --kubeconfig, else $KUBECONFIG (a colon-separated list), else ~/.kube/config."""
+    """(who named them, the files): --kubeconfig, else $KUBECONFIG (a path list), else ~/.kube/config."""
     if kubeconfig:
         return "--kubeconfig", [os.path.expanduser(kubeconfig)]
     listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
     if listed:
         return "$KUBECONFIG", [os.path.expanduser(path) for path in listed]
-    return "kubeconfig", [os.path.expanduser("~/.kube/config")]
+    return "", [os.path.expanduser("~/.kube/config")]
+
+
+def _missing(source: str, files: list[str]) -> str:
+    if len(files) > 1:
+        return f"none of {', '.join(files)} exists"
+    hint = "" if source else ", and this is not a pod: pass --kubeconfig FILE or set $KUBECONFIG"
+    return f"{files[0]}: no such file{hint}"
 
 
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
