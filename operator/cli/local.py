@@ -165,12 +165,13 @@ def cmd_revert(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agentlat.operator.cli import render
-    from agentlat.operator.core import engine
 
     existing = _existing_journal(args)
     if existing is None:
         document = render.status_document({}, (), ())
     else:
+        from agentlat.operator.core import engine
+
         with existing as log:
             applied = {"policy": log.get_meta("policy") or None, "generation": log.get_meta("generation") or None}
             entries = [_as_held(entry) for entry in log.entries()]
@@ -212,11 +213,12 @@ def _existing_journal(args: argparse.Namespace) -> journal.Journal | None:
 
 
 def _boot_id(root: pathlib.Path) -> str:
-    from agentlat.operator.model import host
     from agentlat.tuners.kernel import hostfs
 
     boot_id = hostfs.HostFS(root).read("proc/sys/kernel/random/boot_id")
     if boot_id is None:
+        from agentlat.operator.model import host
+
         raise host.HostError(f"{root} has no proc/sys/kernel/random/boot_id: not a Linux host tree")
     return boot_id
 
