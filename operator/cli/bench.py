@@ -102,16 +102,19 @@ probe's: timer wakeup, cross-CPU eventfd wakeup, loopback TCP round trip, O_DIRE
   sudo agentlat bench --policy my.yaml --runs 5 --duration 20  your policy, more runs
   sudo agentlat bench --noise cpu --plot cdf.png -o json       CPU noise only; plot; JSON for scripts
 """, cmd_bench)
-    parser.add_argument("--policy", type=pathlib.Path, help="policy to test (default: a built-in one that makes "
-                        "the last CPU the agent CPU, pins the probe there at SCHED_FIFO 10 and demotes the noise)")
+    parser.add_argument("--policy", type=pathlib.Path, metavar="FILE",
+                        help="policy to test (default: a built-in one that makes the last CPU the agent CPU, pins "
+                             "the probe there at SCHED_FIFO 10 and demotes the noise)")
     parser.add_argument("--duration", type=float, default=10.0, metavar="S",
                         help="seconds of steps per run (default 10)")
-    parser.add_argument("--runs", type=int, default=3, help="A/B pairs (default 3); the output shows their spread")
-    parser.add_argument("--noise", default=",".join(noise.KINDS),
+    parser.add_argument("--runs", type=int, default=3, metavar="N",
+                        help="A/B pairs (default 3); the output shows their spread")
+    parser.add_argument("--noise", default=",".join(noise.KINDS), metavar="KINDS",
                         help="noise mix: any of cpu,softirq,io, or none (default cpu,softirq,io)")
     parser.add_argument("--timer-source", choices=probe.TIMER_SOURCES, default="auto",
                         help="who measures the timer stage: cyclictest when installed (auto), or the Python probe")
-    parser.add_argument("--state", type=pathlib.Path, help="journal dir for B's apply (default: a temp dir)")
+    parser.add_argument("--state", type=pathlib.Path, metavar="DIR",
+                        help="journal dir for B's apply (default: a temp dir)")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
                         help="output format: table, or json with every sample (default table)")
     parser.add_argument("--plot", type=pathlib.Path, metavar="PNG", help="write the A and B latency CDFs here")

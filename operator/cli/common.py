@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import textwrap
 from collections.abc import Callable
 
 from agentlat.operator.core import journal
@@ -38,8 +39,10 @@ class Command:
 
 def describe(parser: argparse.ArgumentParser, description: str, examples: str,
              handler: Handler) -> None:
-    """Plain-text description and an ``examples:`` epilog, laid out as written."""
-    parser.description = description
+    """Plain-text description (paragraphs wrapped, indented ones kept) and an ``examples:`` epilog."""
+    parser.description = "\n\n".join(
+        paragraph if any(line.startswith(" ") for line in paragraph.splitlines()) else textwrap.fill(paragraph, 100)
+        for paragraph in description.split("\n\n"))
     parser.epilog = "examples:\n" + examples.rstrip("\n") + "\n"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.set_defaults(handler=handler)

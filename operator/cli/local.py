@@ -74,9 +74,10 @@ def configure_status(parser: argparse.ArgumentParser) -> None:
                     "Reads only: with nothing applied it creates no state dir.\n\n"
                     f"exit codes: 0 no drift (or nothing applied), {common.EXIT_PARTIAL} drift (a value someone "
                     "else changed since apply), 2 the journal cannot be read (e.g. not root)", """\
-  agentlat status                                              what is applied; drift
-  agentlat status -o json | jq '.drift[]'                      for scripts
-  agentlat status >/dev/null || echo "host drifted (exit $?)"  in a check
+  sudo agentlat status                                         what is applied; drift
+  sudo agentlat status -o json | jq '.drift[]'                 for scripts
+  sudo agentlat status >/dev/null || echo "drifted (exit $?)"  in a check
+  agentlat status --state /tmp/mystate --root /tmp/myhost      a journal of your own
 """, cmd_status)
     common.root_arg(parser)
     common.state_arg(parser)

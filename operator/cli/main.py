@@ -24,7 +24,7 @@ examples:
   agentlat plan policy.yaml -o json | jq '.actions[]'       for scripts
   agentlat snapshot --out /tmp/myhost                       capture this host as a fixture
 
-  sudo agentlat apply policy.yaml && agentlat status        apply, then check for drift
+  sudo agentlat apply policy.yaml && sudo agentlat status   apply, then check for drift (exit 3)
   sudo agentlat revert                                      put every journaled value back
   agentlat COMMAND --help                                   each command's options and examples
 
@@ -76,7 +76,7 @@ def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, a
     """The parser, with only ``command`` (if any) configured; returns it and that command's parser."""
     parser = argparse.ArgumentParser(
         prog="agentlat",
-        description="Tune a Linux host for agent-step latency: IRQs, workloads, cgroups, NICs and block "
+        description="Tune a Linux host for agent-step latency: IRQs, workloads, cgroups, NICs and block\n"
                     "devices, journaled and reversible.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

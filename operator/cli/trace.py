@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
   sudo agentlat trace --what wakeup,epoll --duration 30        chosen stages, longer
   agentlat trace --what irq --print-script > irq.bt            the program, to run elsewhere
 """, cmd_trace)
-    parser.add_argument("--what", default="irq,softirq,wakeup",
+    parser.add_argument("--what", default="irq,softirq,wakeup", metavar="STAGES",
                         help=f"comma-separated stages: {', '.join(trace.SCRIPTS)} (default irq,softirq,wakeup)")
     parser.add_argument("--duration", type=float, default=10.0, metavar="S", help="seconds to trace (default 10)")
     parser.add_argument("--print-script", action="store_true", help="print the bpftrace program and exit")
