@@ -272,7 +272,7 @@ def test_agent_exits_when_its_daemon_cannot_run(
     kube_apiserver.wait_for(lambda: first.agent.profile_watch.lists >= 1, 15)
     second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent"))  # the same state dir
     try:
-        with pytest.raises(RuntimeError, match="the node daemon failed: another agentlat apply"):
+        with pytest.raises(RuntimeError, match=r"the node daemon failed: another process \(pid \d+: .*\) holds "):
             second.agent.run(second.ctx)
         assert second.agent.health() == (False, "the node daemon has stopped")
     finally:

@@ -240,3 +240,10 @@ def test_the_probe_sees_a_heavy_import() -> None:
     proc = subprocess.run([sys.executable, "-c", PROBE, "controller", "--help"], capture_output=True, text=True,
                           check=True, timeout=GUARD, cwd=hosts.REPO)
     assert "kopf" in json.loads(proc.stdout.strip().splitlines()[-1])["heavy"]
+
+
+def test_run_needs_a_policy_file_it_can_reread(run_cli: Run, tmp_path: pathlib.Path) -> None:
+    result = run_cli("run", "--policy", "-", "--root", VM, "--state", tmp_path / "state")
+    assert result.code == 2
+    one_line_error(result.err, "--policy", "SIGHUP")
+    assert not (tmp_path / "state").exists()
