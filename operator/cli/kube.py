@@ -33,9 +33,7 @@ def configure_controller(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true", help="no peering: for a single replica only")
     parser.add_argument("--liveness", default=None, metavar="URL",
                         help="Kopf health endpoint, e.g. http://0.0.0.0:8080/healthz")
-    parser.add_argument("--metrics-port", type=int, default=9090, metavar="PORT", help="Prometheus port (0: off)")
-    common.log_level_arg(parser)
-    common.kubeconfig_arg(parser)
+    _service_args(parser, metrics_port=9090)
 
 
 def configure_agent(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +53,7 @@ def configure_agent(parser: argparse.ArgumentParser) -> None:
                         help="unhealthy when the profile watch heard nothing for S seconds (default 300)")
     parser.add_argument("--watch-timeout", type=int, default=240, metavar="S",
                         help="ask the server to end each watch after S seconds (default 240; then it resumes)")
-    parser.add_argument("--metrics-port", type=int, default=9180, metavar="PORT", help="Prometheus port (0: off)")
-    common.log_level_arg(parser)
-    common.kubeconfig_arg(parser)
+    _service_args(parser, metrics_port=9180)
 
 
 def configure_uninstall_wait(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +65,14 @@ def configure_uninstall_wait(parser: argparse.ArgumentParser) -> None:
 """, cmd_uninstall_wait)
     parser.add_argument("--timeout", type=float, default=240.0, metavar="S", help="give up after S seconds (240)")
     parser.add_argument("--interval", type=float, default=2.0, metavar="S", help="poll every S seconds (2)")
+    common.kubeconfig_arg(parser)
+
+
+def _service_args(parser: argparse.ArgumentParser, *, metrics_port: int) -> None:
+    """What the two long-running cluster services share: metrics, logging, credentials."""
+    parser.add_argument("--metrics-port", type=int, default=metrics_port, metavar="PORT",
+                        help=f"Prometheus port (default {metrics_port}; 0: off)")
+    common.log_level_arg(parser)
     common.kubeconfig_arg(parser)
 
 
