@@ -104,9 +104,26 @@ def _plan_netdev(netdev: host.NetDev, rule: policy.NicRule) -> Iterator[plan.Act
             yield plan.Skip(NAME, target, _no_coalesce(netdev))
         elif param not in netdev.coalesce:
             yield plan.Skip(NAME, target, f"driver {driver} does not support {param} on {netdev.name}")
-        elif netdev.coalesce[param] != int(value):
+        elif netdev.coalesce[param] == int(value):
+            continue
+        elif _fixed(netdev):
+            yield plan.Skip(NAME, target, f"{netdev.name} ({driver}) keeps {param} at {netdev.coalesce[param]}: "
+                                          "the device did not negotiate VIRTIO_NET_F_NOTF_COAL/VQ_NOTF_COAL "
+                                          f"(sys/class/net/{netdev.name}/device/features), so the driver refuses "
+                                          "or ignores any change")
+        else:
             yield plan.Action(NAME, target, str(netdev.coalesce[param]), desired,
                               f"{netdev.name} ({driver}) coalescing {param}: {_rule_text(rule)}")
+
+
+def _fixed(netdev: host.NetDev) -> bool:
+    """What the host tells before any write: a virtio_net device without notification coalescing has fixed
+    values (usecs 0, frames 1, adaptive off) though its driver lists the parameters as supported."""
+    return netdev.virtio_features is not None and not _negotiates_coalescing(netdev.virtio_features)
+
+
+def _negotiates_coalescing(features: frozenset[int]) -> bool:
+    return bool(features & {_VIRTIO_NET_F_VQ_NOTF_COAL, _VIRTIO_NET_F_NOTF_COAL})
 
 
 def _no_coalesce(netdev: host.NetDev) -> str:
@@ -201,8 +218,8 @@ def _why_ignored(root: pathlib.Path, ifname: str) -> str:
         bits = (root / "sys/class/net" / ifname / "device/features").read_text().strip()
     except OSError:
         return ""
-    negotiated = {i for i, bit in enumerate(bits) if bit == "1"}
-    if negotiated & {_VIRTIO_NET_F_VQ_NOTF_COAL, _VIRTIO_NET_F_NOTF_COAL}:
+    features = host.virtio_features(bits)
+    if features is None or _negotiates_coalescing(features):
         return ""
     return " (the device did not negotiate VIRTIO_NET_F_NOTF_COAL/VQ_NOTF_COAL: it has no coalescing to set)"
 

@@ -4,12 +4,10 @@ so any combination compiles (bpftrace rejects one map used with different key ty
 
 from __future__ import annotations
 
-import argparse
 import signal
 import subprocess
 import sys
 import threading
-from typing import Any
 
 from agentlat.operator.model import errors
 from agentlat.operator.observe import wakeups
@@ -43,27 +41,17 @@ def script(what: list[str]) -> str:
     return "\n".join(SCRIPTS[name].strip() for name in what) + "\n"
 
 
-def add_parser(commands: Any) -> None:
-    sub = commands.add_parser(
-        "trace", help="latency histograms per stage with bpftrace (when installed)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_argument("--what", default="irq,softirq,wakeup",
-                     help=f"comma-separated stages: {', '.join(SCRIPTS)} (default irq,softirq,wakeup)")
-    sub.add_argument("--duration", type=float, default=10.0, metavar="S", help="seconds to trace (default 10)")
-    sub.add_argument("--print-script", action="store_true", help="print the bpftrace program and exit")
-    sub.set_defaults(handler=cmd_trace)
-
-
-def cmd_trace(args: argparse.Namespace) -> int:
-    what = [name for name in args.what.split(",") if name]
+def run(stages: str, duration: float, *, print_script: bool = False) -> int:
+    """Trace the comma-separated ``stages`` for ``duration`` seconds; bpftrace prints the histograms."""
+    what = [name for name in stages.split(",") if name]
     unknown = sorted(set(what) - set(SCRIPTS))
     if unknown or not what:
         named = ", ".join(unknown) or "(none)"
         raise errors.single("--what", "", f"unknown stage {named}; known: {', '.join(SCRIPTS)}")
-    if not args.duration > 0:  # also NaN
-        raise errors.single("--duration", "", f"must be a positive number of seconds, not {args.duration:g}")
+    if not duration > 0:  # also NaN
+        raise errors.single("--duration", "", f"must be a positive number of seconds, not {duration:g}")
     program = script(what)
-    if args.print_script:
+    if print_script:
         sys.stdout.write(program)
         return 0
     reason = wakeups.unavailable_reason()
@@ -77,7 +65,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         relay = threading.Thread(target=wakeups.filter_stderr, args=(proc.stderr, sys.stderr.write), daemon=True)
         relay.start()
         try:
-            proc.wait(timeout=args.duration)
+            proc.wait(timeout=duration)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGINT)  # bpftrace prints its histograms on SIGINT
             proc.wait(timeout=30)

@@ -8,13 +8,13 @@ import pathlib
 import sys
 from typing import Any
 
-from agentlat.operator.bench import bench, noise, probe
-from agentlat.operator.cli import render
-from agentlat.operator.model import errors, host, policy
-from agentlat.tuners.kernel import cpulist
+from agentlat.operator.cli import common
 
 
 def table(report: dict[str, Any]) -> str:
+    from agentlat.operator.cli import render
+    from agentlat.tuners.kernel import cpulist
+
     machine = report["machine"]
     lines = [
         f"agentlat bench on {machine['node']} ({machine['cpus']} CPUs, kernel {machine['kernel']}), {machine['date']}",
@@ -59,6 +59,8 @@ def _speedup(ratio: float) -> str:
 
 def plot(report: dict[str, Any], out: pathlib.Path) -> None:
     """Both experiments' timer-wakeup latency CDFs on log axes."""
+    from agentlat.operator.model import errors
+
     try:
         import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
@@ -85,24 +87,48 @@ def plot(report: dict[str, Any], out: pathlib.Path) -> None:
     figure.savefig(out, dpi=110)
 
 
-def add_parser(commands: Any) -> None:
-    sub = commands.add_parser(
-        "bench", help="measure agent-step latency with and without a policy (experiments A/B/C)",
-        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub.add_argument("--policy", type=pathlib.Path, help="policy to test (default: a built-in one that makes the "
-                     "last CPU the agent CPU, pins the probe there at SCHED_FIFO 10 and demotes the noise)")
-    sub.add_argument("--duration", type=float, default=10.0, metavar="S", help="seconds of steps per run (default 10)")
-    sub.add_argument("--runs", type=int, default=3, help="A/B pairs (default 3); the output shows their spread")
-    sub.add_argument("--noise", default=",".join(noise.KINDS), help="noise mix: any of cpu,softirq,io, or none")
-    sub.add_argument("--timer-source", choices=probe.TIMER_SOURCES, default="auto",
-                     help="who measures the timer stage: cyclictest when installed (auto), or the Python probe")
-    sub.add_argument("--state", type=pathlib.Path, help="journal dir for B's apply (default: a temp dir)")
-    sub.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    sub.add_argument("--plot", type=pathlib.Path, metavar="PNG", help="write the A and B latency CDFs here")
-    sub.set_defaults(handler=cmd_bench)
+def configure(parser: argparse.ArgumentParser) -> None:
+    from agentlat.operator.bench import noise, probe
+
+    common.describe(parser, """\
+Run the proposal's experiments on this machine, as root:
+  A  the host as it is;
+  B  the same probe and noise with the policy applied (journaled, then reverted).
+Runs alternate A, B, A, B so slow drift in the machine hits both alike. Each stage is the agent-step
+probe's: timer wakeup, cross-CPU eventfd wakeup, loopback TCP round trip, O_DIRECT read.
+  C  the attribution the kernel's own counters give (device IRQs and softirqs per CPU, IRQ-context
+     share, run delay of the probe's tasks, PSI), sampled around each run.""", """\
+  sudo agentlat bench                                          built-in policy, all noise, 3 x 10 s
+  sudo agentlat bench --policy my.yaml --runs 5 --duration 20  your policy, more runs
+  sudo agentlat bench --noise cpu --plot cdf.png -o json       CPU noise only; plot; JSON for scripts
+""", cmd_bench)
+    parser.add_argument("--policy", type=pathlib.Path, metavar="FILE",
+                        help="policy to test (default: a built-in one that makes the last CPU the agent CPU, pins "
+                             "the probe there at SCHED_FIFO 10 and demotes the noise)")
+    parser.add_argument("--duration", type=float, default=10.0, metavar="S",
+                        help="seconds of steps per run (default 10)")
+    parser.add_argument("--runs", type=int, default=3, metavar="N",
+                        help="A/B pairs (default 3); the output shows their spread")
+    parser.add_argument("--noise", default=",".join(noise.KINDS), metavar="KINDS",
+                        help="noise mix: any of cpu,softirq,io, or none (default cpu,softirq,io)")
+    parser.add_argument("--timer-source", choices=probe.TIMER_SOURCES, default="auto",
+                        help="who measures the timer stage: cyclictest when installed (auto), or the Python probe")
+    parser.add_argument("--state", type=pathlib.Path, metavar="DIR",
+                        help="journal dir for B's apply (default: a temp dir)")
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table",
+                        help="output format: table, or json with every sample (default table)")
+    parser.add_argument("--plot", type=pathlib.Path, metavar="PNG", help="write the A and B latency CDFs here")
+
+
+COMMANDS = (common.Command("bench", "measure agent-step latency with and without a policy (experiments A/B/C)",
+                           configure),)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from agentlat.operator.bench import bench, noise
+    from agentlat.operator.cli import local, render
+    from agentlat.operator.model import errors, host
+
     if os.geteuid() != 0:
         raise errors.single("", "", "agentlat bench applies a policy for experiment B: run it as root")
     kinds = tuple(kind for kind in args.noise.split(",") if kind and kind != "none")
@@ -111,7 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise errors.single("--noise", "", f"unknown noise kind {', '.join(unknown)} (known: {', '.join(noise.KINDS)})")
     if args.runs < 1 or args.duration <= 0:
         raise errors.single("--runs/--duration", "", "need at least one run of a positive duration")
-    chosen = (policy.merge(policy.load_file(args.policy)) if args.policy
+    chosen = (local.load_policy(args.policy) if args.policy
               else bench.default_policy(host.read(pathlib.Path("/")).online))
     config = bench.BenchConfig(chosen, args.duration, args.runs, kinds, args.timer_source, args.state)
     report = bench.run(config, lambda line: print(f"agentlat bench: {line}", file=sys.stderr))
@@ -119,4 +145,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(report, args.plot)
         print(f"agentlat bench: plot written to {args.plot}", file=sys.stderr)
-    return 0
+    return common.EXIT_OK

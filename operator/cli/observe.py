@@ -24,10 +24,8 @@ examples:
 """
 
 
-def add_parser(commands: Any) -> None:
-    sub = commands.add_parser(
-        "observe", help="per-wakeup latency of agent workloads vs budget, and its top offenders",
-        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def configure(sub: argparse.ArgumentParser) -> None:
+    sub.description, sub.epilog, sub.formatter_class = __doc__, EXAMPLES, argparse.RawDescriptionHelpFormatter
     sub.add_argument("--policy", type=pathlib.Path, metavar="FILE",
                      help="policy whose workloads (processSelector), agentCpus and latencyBudget to observe")
     sub.add_argument("--pid", type=int, action="append", default=[], metavar="PID",

@@ -7,15 +7,15 @@ import json
 import shutil
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from agentlat.operator.core import engine, journal
-from agentlat.operator.model import plan
 from agentlat.tuners.kernel import cpulist
 
-FORMATS = ("table", "json", "yaml")
+if TYPE_CHECKING:  # annotations only: `status` of an empty journal need not import the engine
+    from agentlat.operator.core import engine, journal
+    from agentlat.operator.model import plan
 
 
 def plan_document(result: plan.Plan) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any, Final
 from agentlat.operator.model import plan
 
 DEFAULT_STATE_DIR = pathlib.Path("/var/lib/agentlat")
+FILE_NAME = "journal.sqlite3"
 RECORDED: Final = plan.OUTCOMES - {"Reverted"}  # what an apply records; revert forgets the row
 
 _SCHEMA = """
@@ -89,7 +90,7 @@ class Journal:
         try:
             fcntl.flock(dir_fd, fcntl.LOCK_EX)
             # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
-            conn = sqlite3.connect(state_dir / "journal.sqlite3", isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(state_dir / FILE_NAME, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
@@ -254,8 +255,32 @@ class Journal:
 
 def _holder_message(fd: int, path: pathlib.Path) -> str:
     pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    holder = f"another agentlat apply (pid {pid})" if pid.isdigit() else "another agentlat apply"
-    return f"{holder} holds {path}"
+    return f"{_holder(pid) if pid.isdigit() else 'another agentlat command'} holds {path}"
+
+
+def _holder(pid: str) -> str:
+    """``agentlat run (pid 7)``: the holder's command, from its /proc/PID/cmdline (the first 4 KiB)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            argv = [arg.decode(errors="replace") for arg in stream.read(4096).split(b"\0") if arg]
+    except OSError:
+        return f"another agentlat command (pid {pid})"
+    args = _agentlat_args(argv)
+    if args is not None:
+        command = next((arg for arg in args if not arg.startswith("-")), "")
+        return f"agentlat {command} (pid {pid})".replace("  ", " ")
+    shown = " ".join(" ".join(argv).split())  # one line, whatever the arguments hold
+    return f"another process (pid {pid}: {shown[:80]})"
+
+
+def _agentlat_args(argv: list[str]) -> list[str] | None:
+    """What follows the program when ``argv`` runs agentlat (the console script, or ``python -m``)."""
+    for index, arg in enumerate(argv[:2]):
+        if os.path.basename(arg) == "agentlat":
+            return argv[index + 1:]
+    if argv[1:3] == ["-m", "agentlat.operator.cli"]:
+        return argv[3:]
+    return None
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -18,22 +18,19 @@ reports lives in :mod:`status`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import logging
 import os
 import pathlib
 import select
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 
-from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.core import context, engine, journal
 from agentlat.operator.daemon import devices, drift, jobs, metrics, procevents, ratelimit, reconcile, status
-from agentlat.operator.model import errors, host, policy, workloads
+from agentlat.operator.model import host, policy, workloads
 from agentlat.tuners.kernel import cpulist, hostfs, uevents
 
 Metrics = metrics.Metrics
@@ -278,96 +275,3 @@ class NodeDaemon:
         if note:
             logger.warning("uevent socket: %s (a burst may overflow it: that triggers a full resync)", note)
         return source
-
-
-# -- `agentlat run` -------------------------------------------------------------------------------------
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser(
-        "run", help="apply a policy and keep it true: hotplug, new IRQs, drift, irqbalance",
-        description="Apply POLICY, then stay: react to kernel uevents (new NICs, queues, disks), new IRQs and "
-                    "values other tools change (re-asserted, rate-limited; flapping targets are reported, not "
-                    "fought), and ban agent CPUs in a running irqbalance. SIGTERM or Ctrl-C stops it and keeps "
-                    "every setting (`agentlat revert` undoes them); Ctrl-C twice aborts the current write. "
-                    "SIGHUP re-reads POLICY.")
-    sub.add_argument("--policy", type=pathlib.Path, required=True, metavar="FILE",
-                     help="policy YAML (one or more AgentLatencyPolicy documents; merged by priority)")
-    sub.add_argument("--root", type=pathlib.Path, default=pathlib.Path("/"), metavar="DIR",
-                     help="host tree (default /; /host in a pod)")
-    sub.add_argument("--state", type=pathlib.Path, default=journal.DEFAULT_STATE_DIR, metavar="DIR",
-                     help=f"journal directory (default {journal.DEFAULT_STATE_DIR})")
-    sub.add_argument("--metrics-port", type=int, default=None, metavar="N",
-                     help="serve Prometheus metrics on port N")
-    sub.add_argument("--verify-interval", type=float, default=Options.verify_interval, metavar="S",
-                     help=f"drift check every S seconds (default {Options.verify_interval:g})")
-    sub.add_argument("--irq-interval", type=float, default=Options.irq_interval, metavar="S",
-                     help=f"look for new IRQs every S seconds (default {Options.irq_interval:g})")
-    sub.set_defaults(handler=cmd_run)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    effective = policy.merge(policy.load_file(args.policy))  # bad input: exit 2 before touching anything
-    planner.refuse_self(effective, host.read(args.root, wanted=effective.workloads), str(args.policy))
-    if args.verify_interval <= 0 or args.irq_interval <= 0:
-        raise errors.single("agentlat run", "--verify-interval/--irq-interval", "must be positive")
-    logging.basicConfig(level=logging.INFO, format="agentlat: %(message)s", stream=sys.stderr)
-    shared = Metrics()
-    if args.metrics_port is not None:
-        shared.serve(args.metrics_port)
-    options = Options(verify_interval=args.verify_interval, irq_interval=args.irq_interval)
-    daemon = NodeDaemon(args.root, args.state, metrics=shared, options=options)
-    daemon.set_policy(effective, effective.generation)
-    ctx = context.Context("run")
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            daemon.run(ctx)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            daemon.close()
-
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)  # the daemon's threads inherit the block
-    try:
-        thread = threading.Thread(target=target, name="agentlat-run")
-        thread.start()
-        _wait_for_signals(thread, ctx, daemon, args.policy, watched)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    if failure:
-        raise failure[0]
-    print("agentlat: stopped; every setting is kept (`agentlat revert` undoes them)", file=sys.stderr)
-    return 0
-
-
-def _wait_for_signals(thread: threading.Thread, ctx: context.Context, daemon: NodeDaemon, path: pathlib.Path,
-                      watched: set[signal.Signals]) -> None:
-    """Signals are taken synchronously here (sigtimedwait), so stop/kill never run inside a handler."""
-    interrupts = 0
-    stop_at: float | None = None
-    while thread.is_alive():
-        info = signal.sigtimedwait(watched, 0.5)
-        if info is None:
-            if stop_at is not None and time.monotonic() > stop_at and not ctx.is_killed():
-                ctx.kill()
-            continue
-        if info.si_signo == signal.SIGHUP:
-            try:
-                reloaded = policy.merge(policy.load_file(path))
-            except errors.InputError as exc:
-                print(f"agentlat: SIGHUP: keeping the running policy: {exc.render()}", file=sys.stderr)
-                continue
-            print(f"agentlat: SIGHUP: re-read {path}", file=sys.stderr)
-            daemon.set_policy(reloaded, reloaded.generation)
-            continue
-        interrupts += info.si_signo == signal.SIGINT
-        if interrupts >= 2:
-            ctx.kill()
-            continue
-        print(f"agentlat: {signal.Signals(info.si_signo).name}: stopping after the current write "
-              "(settings are kept)", file=sys.stderr)
-        ctx.stop()
-        stop_at = time.monotonic() + Options.kill_grace
-    thread.join()

@@ -20,15 +20,10 @@ closed cleanly) within ``--liveness-window`` seconds, and the daemon thread is a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
 import logging
-import os
-import pathlib
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,7 +34,6 @@ import kubernetes.watch
 import prometheus_client
 
 from agentlat.operator.core import context, journal
-from agentlat.operator.daemon import metrics
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import client as _kube
 from agentlat.operator.kube import profiles
@@ -493,94 +487,3 @@ class Agent:
             return
         self.metrics.status_writes.labels("ok").inc()
         self._written, self._written_for, self._written_at = text, key, self._clock()
-
-
-# --- the command ----------------------------------------------------------------------------------------
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser(
-        "agent", help="run the node agent (applies this node's AgentLatencyNodeProfile)",
-        description="Watch this node's AgentLatencyNodeProfile and the pods on this node, keep the host tuned "
-                    "to the profile with the node daemon (hotplug, new IRQs, drift), and report in the profile's "
-                    "status. A deleted profile reverts everything; exiting keeps every setting.")
-    sub.add_argument("--node", "--node-name", dest="node", default=os.environ.get("NODE_NAME"), metavar="NAME",
-                     help="this node's name (default $NODE_NAME)")
-    sub.add_argument("--root", type=pathlib.Path, default=pathlib.Path("/host"), metavar="DIR",
-                     help="the host's root as mounted in the pod (default /host)")
-    sub.add_argument("--state", "--state-dir", dest="state", type=pathlib.Path, default=journal.DEFAULT_STATE_DIR,
-                     metavar="DIR", help=f"journal directory on the host (default {journal.DEFAULT_STATE_DIR})")
-    sub.add_argument("--liveness", default="http://0.0.0.0:9181/healthz", metavar="URL",
-                     help="serve /healthz here (default http://0.0.0.0:9181/healthz; empty: off)")
-    sub.add_argument("--liveness-window", type=float, default=300.0, metavar="S",
-                     help="unhealthy when the profile watch heard nothing for S seconds (default 300)")
-    sub.add_argument("--watch-timeout", type=int, default=240, metavar="S",
-                     help="ask the server to end each watch after S seconds (default 240; then it resumes)")
-    sub.add_argument("--metrics-port", type=int, default=9180, metavar="PORT", help="Prometheus port (0: off)")
-    sub.add_argument("--log-level", choices=_kube.LOG_LEVELS, default="info")
-    sub.add_argument("--kubeconfig", default=None, metavar="FILE",
-                     help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
-    sub.set_defaults(handler=run_command)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    if not args.node:
-        raise errors.single("agentlat agent", "--node", "required (or set $NODE_NAME)")
-    if args.watch_timeout <= 0 or args.liveness_window <= args.watch_timeout:
-        raise errors.single("agentlat agent", "--liveness-window", "must be longer than --watch-timeout (> 0)")
-    _kube.setup_logging(args.log_level)
-    registry = prometheus_client.CollectorRegistry()
-    node_daemon = daemon.NodeDaemon(args.root, args.state, metrics=metrics.Metrics(registry))
-    agent = Agent(_kube.api_client(args.kubeconfig), args.node, node_daemon, registry,
-                  liveness_window=args.liveness_window, watch_timeout=args.watch_timeout)
-    if args.metrics_port:
-        _kube.serve_metrics(registry, args.metrics_port)
-    health = None
-    if args.liveness:
-        host, port = _kube.parse_listen(args.liveness)
-        health = _kube.HealthServer(agent.health, host, port).start()
-    ctx = context.Context(f"agent-{args.node}")
-    watched = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)  # the agent's threads inherit the block
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            agent.run(ctx)
-        except BaseException as exc:
-            failure.append(exc)
-            ctx.stop()
-        finally:
-            node_daemon.close()
-
-    try:
-        thread = threading.Thread(target=target, name="agentlat-agent")
-        thread.start()
-        _wait_for_signals(thread, ctx, watched)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        if health is not None:
-            health.stop()
-    if failure:
-        raise failure[0]
-    print("agentlat: agent stopped; every setting is kept", file=sys.stderr)
-    return 0
-
-
-def _wait_for_signals(thread: threading.Thread, ctx: context.Context, watched: set[signal.Signals]) -> None:
-    """SIGTERM/SIGINT stop (the current write finishes, settings stay); a second one kills."""
-    stops = 0
-    kill_at: float | None = None
-    while thread.is_alive():
-        info = signal.sigtimedwait(watched, 0.5)
-        if info is None:
-            if kill_at is not None and time.monotonic() > kill_at:
-                ctx.kill()
-            continue
-        stops += 1
-        if stops > 1:
-            ctx.kill()
-            continue
-        logger.info("%s: stopping after the current write (settings are kept)", signal.Signals(info.si_signo).name)
-        ctx.stop()
-        kill_at = time.monotonic() + daemon.Options.kill_grace
-    thread.join()

@@ -13,19 +13,49 @@ from typing import Any
 import kubernetes.client
 import kubernetes.config
 import prometheus_client
+import yaml
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
+from agentlat.operator.model import errors
 
 
 def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
-    """In a pod: the ServiceAccount (token refreshed by the client); else ``--kubeconfig``/$KUBECONFIG."""
+    """In a pod: the ServiceAccount (token refreshed by the client); else ``--kubeconfig``/$KUBECONFIG.
+    No usable config is the user's to fix (InputError naming the file), never a client traceback."""
     config = kubernetes.client.Configuration()
     if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
-    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
+        except kubernetes.config.ConfigException as exc:
+            raise errors.single("in-cluster config", "", str(exc)) from None
+        return config
+    source, files = _kubeconfig_files(kubeconfig)
+    if not any(os.path.isfile(path) for path in files):
+        raise errors.single(source, "", _missing(source, files))
+    try:
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None, client_configuration=config)
+            config_file=os.pathsep.join(files), client_configuration=config)
+    except (kubernetes.config.ConfigException, OSError, ValueError, TypeError, AttributeError, KeyError,
+            yaml.YAMLError) as exc:  # the loader's own errors on a file that is not a kubeconfig
+        reason = " ".join(str(exc).split())  # one line
+        raise errors.single(source, "", f"{', '.join(files)} is not a usable kubeconfig: {reason}") from None
     return config
+
+
+def _kubeconfig_files(kubeconfig: str | None) -> tuple[str, list[str]]:
+    """(who named them, the files): --kubeconfig, else $KUBECONFIG (a path list), else ~/.kube/config."""
+    if kubeconfig:
+        return "--kubeconfig", [os.path.expanduser(kubeconfig)]
+    listed = [path for path in os.environ.get("KUBECONFIG", "").split(os.pathsep) if path]
+    if listed:
+        return "$KUBECONFIG", [os.path.expanduser(path) for path in listed]
+    return "", [os.path.expanduser("~/.kube/config")]
+
+
+def _missing(source: str, files: list[str]) -> str:
+    if len(files) > 1:
+        return f"none of {', '.join(files)} exists"
+    hint = "" if source else ", and this is not a pod: pass --kubeconfig FILE or set $KUBECONFIG"
+    return f"{files[0]}: no such file{hint}"
 
 
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:

@@ -23,7 +23,6 @@ still get ``agentlat.io`` names so they never collide with another Kopf operator
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import dataclasses
@@ -527,41 +526,3 @@ def _ignore(status: int, call: Callable[[], object]) -> None:
     except kubernetes.client.ApiException as exc:
         if exc.status != status:
             raise
-
-
-# --- the command ----------------------------------------------------------------------------------------
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser(
-        "controller", help="run the cluster controller (per-node profiles, policy status)",
-        description="Watch AgentLatencyPolicies, Nodes and AgentLatencyNodeProfiles; keep one profile per "
-                    "selected node (the policies merged by priority) and roll the nodes' results up into each "
-                    "policy's status. Replicas elect one active leader through Kopf peering.")
-    sub.add_argument("--peering", default=DEFAULT_PEERING, metavar="NAME",
-                     help=f"ClusterKopfPeering used for leader election (default {DEFAULT_PEERING}); it must exist")
-    sub.add_argument("--peering-priority", type=int, default=None, metavar="N",
-                     help="this replica's peering priority (default: random, so exactly one replica leads)")
-    sub.add_argument("--standalone", action="store_true", help="no peering: for a single replica only")
-    sub.add_argument("--liveness", default=None, metavar="URL",
-                     help="Kopf health endpoint, e.g. http://0.0.0.0:8080/healthz")
-    sub.add_argument("--metrics-port", type=int, default=9090, metavar="PORT", help="Prometheus port (0: off)")
-    sub.add_argument("--log-level", choices=_kube.LOG_LEVELS, default="info")
-    sub.add_argument("--kubeconfig", default=None, metavar="FILE",
-                     help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
-    sub.set_defaults(handler=run_command)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    _kube.setup_logging(args.log_level)
-    registry = prometheus_client.CollectorRegistry()
-    metrics = Metrics(registry)
-    if args.metrics_port:
-        _kube.serve_metrics(registry, args.metrics_port)
-    controller = Controller(_kube.api_client(args.kubeconfig), metrics)
-    kopf_registry = controller.registry()
-    kopf.on.login(registry=kopf_registry)(_kube.kopf_login(args.kubeconfig))
-    chosen = settings(args.peering_priority)
-    peering: dict[str, Any] = {"standalone": True} if args.standalone else {"peering_name": args.peering}
-    asyncio.run(kopf.operator(registry=kopf_registry, settings=chosen, clusterwide=True,
-                              liveness_endpoint=args.liveness, **peering))
-    return 0

@@ -9,7 +9,6 @@ naming the nodes that are not (their agent is down, or reverting failed: see the
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -18,29 +17,10 @@ from typing import Any, TextIO
 
 import kubernetes.client
 
-from agentlat.operator.kube import client as _kube
 from agentlat.operator.kube import profiles
 
 EXIT_OK = 0
 EXIT_TIMEOUT = 1
-
-
-def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub = commands.add_parser(
-        "uninstall-wait", help="delete all policies and wait until every node has reverted",
-        description="Delete every AgentLatencyPolicy, then poll the AgentLatencyNodeProfiles until none is "
-                    "left (each node's agent reverted its host). Exit 0 when done, 1 after --timeout with the "
-                    "nodes that did not revert.")
-    sub.add_argument("--timeout", type=float, default=240.0, metavar="S", help="give up after S seconds (240)")
-    sub.add_argument("--interval", type=float, default=2.0, metavar="S", help="poll every S seconds (2)")
-    sub.add_argument("--kubeconfig", default=None, metavar="FILE",
-                     help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
-    sub.set_defaults(handler=run_command)
-
-
-def run_command(args: argparse.Namespace) -> int:
-    with _kube.api_client(args.kubeconfig) as api:
-        return wait(api, args.timeout, args.interval)
 
 
 def wait(api: kubernetes.client.ApiClient, timeout: float, interval: float = 2.0, *,

@@ -68,6 +68,7 @@ class NetDev:
     xps_cpus: Mapping[str, str] = dataclasses.field(default_factory=dict)  # tx queue -> mask, readable ones
     coalesce: Mapping[str, int] | None = None  # parameters the driver reports (ethtool policy names)
     coalesce_error: str | None = None  # errno name when the GET failed ("EOPNOTSUPP": no coalesce ops)
+    virtio_features: frozenset[int] | None = None  # negotiated feature bits of a virtio device, else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,9 +258,10 @@ def _read_netdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str, 
         rx_queues = tuple(_by_index(q for q in queues if q.startswith("rx-")))
         tx_queues = tuple(_by_index(q for q in queues if q.startswith("tx-")))
         coalesce, coalesce_error = _read_coalesce(fs, name)
+        driver = fs.link_name(f"{base}/device/driver") if fs.is_dir(f"{base}/device") else None
         netdevs[name] = NetDev(
             name=name,
-            driver=fs.link_name(f"{base}/device/driver") if fs.is_dir(f"{base}/device") else None,
+            driver=driver,
             pci=address,
             numa_node=pci[address].numa_node if address is not None and address in pci else -1,
             rx_queues=rx_queues,
@@ -268,8 +270,16 @@ def _read_netdevs(fs: hostfs.HostFS, pci: Mapping[str, PciDevice]) -> dict[str, 
             xps_cpus=_queue_masks(fs, base, tx_queues, "xps_cpus"),
             coalesce=coalesce,
             coalesce_error=coalesce_error,
+            virtio_features=virtio_features(fs.read(f"{base}/device/features")) if driver == "virtio_net" else None,
         )
     return netdevs
+
+
+def virtio_features(bits: str | None) -> frozenset[int] | None:
+    """A virtio device's ``features`` file: one 0/1 character per feature bit, bit 0 first."""
+    if bits is None or not bits or set(bits) - {"0", "1"}:
+        return None
+    return frozenset(index for index, bit in enumerate(bits) if bit == "1")
 
 
 def _queue_masks(fs: hostfs.HostFS, base: str, queues: Iterable[str], file: str) -> dict[str, str]:

@@ -47,6 +47,11 @@ def test_run_applies_reloads_on_sighup_and_keeps_settings_on_sigterm(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=hosts.REPO, env={**os.environ})
     try:
         wait_for(lambda: nr.read_text().strip() == "64", process)
+        second = subprocess.run([sys.executable, "-m", "agentlat.operator.cli", "apply", str(policy_path), "--root",
+                                 str(root), "--state", str(tmp_path / "state")], capture_output=True, text=True,
+                                check=False, timeout=GUARD)
+        assert second.returncode == 4, second.stderr
+        assert second.stderr == f"agentlat: error: agentlat run (pid {process.pid}) holds {tmp_path}/state/lock\n"
         policy_path.write_text(POLICY % 32)
         process.send_signal(signal.SIGHUP)
         wait_for(lambda: nr.read_text().strip() == "32", process)

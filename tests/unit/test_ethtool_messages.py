@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agentlat.tuners.kernel import ethtool
+from agentlat.tuners.kernel import ethtool, ethtool_messages
 
 NLA_F_NESTED = 0x8000
 FAMILY_ID = 0x15  # whatever the kernel assigned; only echoed in the header
@@ -140,7 +140,7 @@ def test_get_reply_decodes_scalars_and_tolerates_profiles_and_unknown_attributes
         + u32(31, 9)  # an attribute newer than this module (e.g. RX_CQE_FRAMES) is ignored
     )
     raw = genl_message(FAMILY_ID, 20, body)
-    msg = ethtool.CoalesceMsg(raw)
+    msg = ethtool_messages.CoalesceMsg(raw)
     msg.decode()
 
     assert ethtool.parse_reply(msg) == {
@@ -164,7 +164,7 @@ def test_every_scalar_round_trips_through_a_reply() -> None:
     body = nest(A_HEADER, nla(A_DEV_NAME, b"x\0")) + b"".join(
         (u8 if name in BOOLEANS else u32)(ATTR_NUMBERS[name], value) for name, value in values.items()
     )
-    msg = ethtool.CoalesceMsg(genl_message(FAMILY_ID, 20, body))
+    msg = ethtool_messages.CoalesceMsg(genl_message(FAMILY_ID, 20, body))
     msg.decode()
     assert ethtool.parse_reply(msg) == values
 

@@ -169,3 +169,50 @@ def test_only_wellformed_targets_are_touched(large: pathlib.Path, target: str) -
 def test_same_compares_numbers() -> None:
     assert nic.TUNER.same("ethtool/eth0/rxUsecs", "08", "8")
     assert not nic.TUNER.same("ethtool/eth0/rxUsecs", "0", "8")
+
+
+# This VM's eth0: virtio_net reports rxUsecs/rxFrames/txUsecs/txFrames/adaptiveRx as supported, but without
+# VIRTIO_NET_F_NOTF_COAL (bit 53) or VQ_NOTF_COAL (52) it answers EOPNOTSUPP/EINVAL or ignores every change.
+VIRTIO_FEATURES = "110001011011101100000000000001001" + "0" * 95
+VIRTIO_COALESCE = {"rxUsecs": 0, "rxFrames": 1, "txUsecs": 0, "txFrames": 1, "adaptiveRx": 0}
+
+
+@pytest.fixture
+def vm(fixture_host: Callable[[str], pathlib.Path]) -> pathlib.Path:
+    root = fixture_host("vm-2cpu")
+    (root / "sys/class/net/eth0" / host.COALESCE_FILE).write_text(json.dumps({"params": VIRTIO_COALESCE}))
+    return root
+
+
+def with_bit(bits: str, bit: int) -> str:
+    return bits[:bit] + "1" + bits[bit + 1:]
+
+
+def test_virtio_net_without_notification_coalescing_is_planned_as_skips(vm: pathlib.Path) -> None:
+    (vm / "sys/class/net/eth0/device/features").write_text(VIRTIO_FEATURES + "\n")
+    model = host.read(vm)
+    assert model.netdevs["eth0"].virtio_features is not None
+    assert 53 not in model.netdevs["eth0"].virtio_features
+    result = planner.make_plan(nic_policy(("eth*", None, {"adaptiveRx": False, "rxUsecs": 8, "rxFrames": 1})), model)
+    assert result.empty, "adaptiveRx and rxFrames already hold; rxUsecs cannot change"
+    [skip] = result.skips
+    assert skip.target == "ethtool/eth0/rxUsecs"
+    assert skip.reason.startswith("eth0 (virtio_net) keeps rxUsecs at 0: the device did not negotiate "
+                                  "VIRTIO_NET_F_NOTF_COAL/VQ_NOTF_COAL")
+
+
+@pytest.mark.parametrize("bit", [52, 53])
+def test_virtio_net_with_notification_coalescing_plans_the_change(vm: pathlib.Path, bit: int) -> None:
+    (vm / "sys/class/net/eth0/device/features").write_text(with_bit(VIRTIO_FEATURES, bit) + "\n")
+    result = planner.make_plan(nic_policy(("eth*", None, {"rxUsecs": 8})), host.read(vm))
+    assert [(a.target, a.current, a.desired) for a in result.actions] == [("ethtool/eth0/rxUsecs", "0", "8")]
+
+
+@pytest.mark.parametrize("features", [None, "", "garbage"])
+def test_unknown_virtio_features_plan_the_change(vm: pathlib.Path, features: str | None) -> None:
+    if features is not None:
+        (vm / "sys/class/net/eth0/device/features").write_text(features)
+    model = host.read(vm)
+    assert model.netdevs["eth0"].virtio_features is None
+    result = planner.make_plan(nic_policy(("eth*", None, {"rxUsecs": 8})), model)
+    assert [a.target for a in result.actions] == ["ethtool/eth0/rxUsecs"], "the host cannot tell: try, and report"

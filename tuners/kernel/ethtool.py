@@ -13,8 +13,9 @@ Falls back to the legacy ``SIOCETHTOOL`` ioctl when the kernel has no ``ethtool`
 - Either way a driver may accept a value and ignore it (virtio_net without VIRTIO_NET_F_VQ_NOTF_COAL
   takes adaptive-rx on and still reports off): callers must re-read to verify.
 
-pyroute2 supplies only message encoding/decoding; requests go over a plain blocking socket, so this
-works from any thread, including one running an asyncio loop.
+pyroute2 supplies only message encoding/decoding (:mod:`ethtool_messages`, imported on first use: pyroute2
+takes ~150 ms to import, which planning on a fixture tree never needs); requests go over a plain blocking
+socket, so this works from any thread, including one running an asyncio loop.
 
 One module on purpose (~550 lines): the netlink messages, their transport and the ioctl fallback share
 one table of coalescing parameters, and each transport's quirks above are only checkable side by side.
@@ -33,8 +34,6 @@ import threading
 from collections import abc
 from typing import Any, Final, Literal, Protocol
 
-from pyroute2 import netlink
-
 Transport = Literal["auto", "netlink", "ioctl"]
 
 GENL_NAME = "ethtool"  # not Final: host tests point it at an absent family to exercise "auto"
@@ -45,11 +44,11 @@ ETHTOOL_MSG_COALESCE_GET: Final = 19
 ETHTOOL_MSG_COALESCE_SET: Final = 20
 ETHTOOL_MSG_COALESCE_GET_REPLY: Final = 20
 
-_PREFIX: Final = "ETHTOOL_A_COALESCE_"
+COALESCE_PREFIX: Final = "ETHTOOL_A_COALESCE_"
 
 # Attribute order is the kernel ABI: the position in this tuple + 2 is the attribute type
 # (0 = UNSPEC, 1 = HEADER). u8 attributes are booleans; everything else is u32.
-_SCALAR_ATTRS: Final[tuple[tuple[str, str], ...]] = (
+SCALAR_ATTRS: Final[tuple[tuple[str, str], ...]] = (
     ("RX_USECS", "uint32"),  # 2
     ("RX_MAX_FRAMES", "uint32"),
     ("RX_USECS_IRQ", "uint32"),
@@ -81,89 +80,41 @@ _SCALAR_ATTRS: Final[tuple[tuple[str, str], ...]] = (
 
 # Policy name (camelCase) -> netlink attribute name.
 PARAMS: Final[dict[str, str]] = {
-    "rxUsecs": _PREFIX + "RX_USECS",
-    "rxFrames": _PREFIX + "RX_MAX_FRAMES",
-    "rxUsecsIrq": _PREFIX + "RX_USECS_IRQ",
-    "rxFramesIrq": _PREFIX + "RX_MAX_FRAMES_IRQ",
-    "txUsecs": _PREFIX + "TX_USECS",
-    "txFrames": _PREFIX + "TX_MAX_FRAMES",
-    "txUsecsIrq": _PREFIX + "TX_USECS_IRQ",
-    "txFramesIrq": _PREFIX + "TX_MAX_FRAMES_IRQ",
-    "statsBlockUsecs": _PREFIX + "STATS_BLOCK_USECS",
-    "adaptiveRx": _PREFIX + "USE_ADAPTIVE_RX",
-    "adaptiveTx": _PREFIX + "USE_ADAPTIVE_TX",
-    "pktRateLow": _PREFIX + "PKT_RATE_LOW",
-    "rxUsecsLow": _PREFIX + "RX_USECS_LOW",
-    "rxFramesLow": _PREFIX + "RX_MAX_FRAMES_LOW",
-    "txUsecsLow": _PREFIX + "TX_USECS_LOW",
-    "txFramesLow": _PREFIX + "TX_MAX_FRAMES_LOW",
-    "pktRateHigh": _PREFIX + "PKT_RATE_HIGH",
-    "rxUsecsHigh": _PREFIX + "RX_USECS_HIGH",
-    "rxFramesHigh": _PREFIX + "RX_MAX_FRAMES_HIGH",
-    "txUsecsHigh": _PREFIX + "TX_USECS_HIGH",
-    "txFramesHigh": _PREFIX + "TX_MAX_FRAMES_HIGH",
-    "rateSampleInterval": _PREFIX + "RATE_SAMPLE_INTERVAL",
-    "cqeModeTx": _PREFIX + "USE_CQE_MODE_TX",
-    "cqeModeRx": _PREFIX + "USE_CQE_MODE_RX",
-    "txAggrMaxBytes": _PREFIX + "TX_AGGR_MAX_BYTES",
-    "txAggrMaxFrames": _PREFIX + "TX_AGGR_MAX_FRAMES",
-    "txAggrTimeUsecs": _PREFIX + "TX_AGGR_TIME_USECS",
+    "rxUsecs": COALESCE_PREFIX + "RX_USECS",
+    "rxFrames": COALESCE_PREFIX + "RX_MAX_FRAMES",
+    "rxUsecsIrq": COALESCE_PREFIX + "RX_USECS_IRQ",
+    "rxFramesIrq": COALESCE_PREFIX + "RX_MAX_FRAMES_IRQ",
+    "txUsecs": COALESCE_PREFIX + "TX_USECS",
+    "txFrames": COALESCE_PREFIX + "TX_MAX_FRAMES",
+    "txUsecsIrq": COALESCE_PREFIX + "TX_USECS_IRQ",
+    "txFramesIrq": COALESCE_PREFIX + "TX_MAX_FRAMES_IRQ",
+    "statsBlockUsecs": COALESCE_PREFIX + "STATS_BLOCK_USECS",
+    "adaptiveRx": COALESCE_PREFIX + "USE_ADAPTIVE_RX",
+    "adaptiveTx": COALESCE_PREFIX + "USE_ADAPTIVE_TX",
+    "pktRateLow": COALESCE_PREFIX + "PKT_RATE_LOW",
+    "rxUsecsLow": COALESCE_PREFIX + "RX_USECS_LOW",
+    "rxFramesLow": COALESCE_PREFIX + "RX_MAX_FRAMES_LOW",
+    "txUsecsLow": COALESCE_PREFIX + "TX_USECS_LOW",
+    "txFramesLow": COALESCE_PREFIX + "TX_MAX_FRAMES_LOW",
+    "pktRateHigh": COALESCE_PREFIX + "PKT_RATE_HIGH",
+    "rxUsecsHigh": COALESCE_PREFIX + "RX_USECS_HIGH",
+    "rxFramesHigh": COALESCE_PREFIX + "RX_MAX_FRAMES_HIGH",
+    "txUsecsHigh": COALESCE_PREFIX + "TX_USECS_HIGH",
+    "txFramesHigh": COALESCE_PREFIX + "TX_MAX_FRAMES_HIGH",
+    "rateSampleInterval": COALESCE_PREFIX + "RATE_SAMPLE_INTERVAL",
+    "cqeModeTx": COALESCE_PREFIX + "USE_CQE_MODE_TX",
+    "cqeModeRx": COALESCE_PREFIX + "USE_CQE_MODE_RX",
+    "txAggrMaxBytes": COALESCE_PREFIX + "TX_AGGR_MAX_BYTES",
+    "txAggrMaxFrames": COALESCE_PREFIX + "TX_AGGR_MAX_FRAMES",
+    "txAggrTimeUsecs": COALESCE_PREFIX + "TX_AGGR_TIME_USECS",
 }
 
 _BY_ATTR: Final[dict[str, str]] = {attr: name for name, attr in PARAMS.items()}
 _BOOLEAN: Final[frozenset[str]] = frozenset(
-    _BY_ATTR[_PREFIX + attr] for attr, kind in _SCALAR_ATTRS if kind == "uint8"
+    _BY_ATTR[COALESCE_PREFIX + attr] for attr, kind in SCALAR_ATTRS if kind == "uint8"
 )
 _U32_MAX: Final = 0xFFFFFFFF
 _IFNAMSIZ: Final = 16
-
-
-class CoalesceHeader(netlink.nla):  # type: ignore[misc]  # pyroute2 is untyped
-    """ETHTOOL_A_HEADER_* (the nested request/reply header shared by all ethtool messages)."""
-
-    nla_flags = netlink.NLA_F_NESTED
-    nla_map = (
-        ("ETHTOOL_A_HEADER_UNSPEC", "none"),
-        ("ETHTOOL_A_HEADER_DEV_INDEX", "uint32"),
-        ("ETHTOOL_A_HEADER_DEV_NAME", "asciiz"),
-        ("ETHTOOL_A_HEADER_FLAGS", "uint32"),
-        ("ETHTOOL_A_HEADER_PHY_INDEX", "uint32"),
-    )
-
-
-class IrqModeration(netlink.nla):  # type: ignore[misc]
-    nla_flags = netlink.NLA_F_NESTED
-    nla_map = (
-        ("ETHTOOL_A_IRQ_MODERATION_UNSPEC", "none"),
-        ("ETHTOOL_A_IRQ_MODERATION_USEC", "uint32"),
-        ("ETHTOOL_A_IRQ_MODERATION_PKTS", "uint32"),
-        ("ETHTOOL_A_IRQ_MODERATION_COMPS", "uint32"),
-    )
-
-
-class CoalesceProfile(netlink.nla):  # type: ignore[misc]
-    """ETHTOOL_A_COALESCE_{RX,TX}_PROFILE: DIM profile, a list of IRQ_MODERATION nests (GET only)."""
-
-    nla_flags = netlink.NLA_F_NESTED
-    nla_map = (
-        ("ETHTOOL_A_PROFILE_UNSPEC", "none"),
-        ("ETHTOOL_A_PROFILE_IRQ_MODERATION", "irq_moderation"),
-    )
-    irq_moderation = IrqModeration
-
-
-class CoalesceMsg(netlink.genlmsg):  # type: ignore[misc]
-    """ETHTOOL_MSG_COALESCE_GET / _SET requests and the _GET_REPLY / _NTF kernel messages."""
-
-    nla_map = (
-        (_PREFIX + "UNSPEC", "none"),
-        (_PREFIX + "HEADER", "coalesce_header"),
-        *((_PREFIX + attr, kind) for attr, kind in _SCALAR_ATTRS),
-        (_PREFIX + "RX_PROFILE", "coalesce_profile"),  # 29
-        (_PREFIX + "TX_PROFILE", "coalesce_profile"),  # 30
-    )
-    coalesce_header = CoalesceHeader
-    coalesce_profile = CoalesceProfile
 
 
 def build_get(ifname: str) -> Any:
@@ -256,11 +207,13 @@ def _check_ifname(ifname: str) -> None:
 
 
 def _request(cmd: int, ifname: str) -> Any:
+    from agentlat.tuners.kernel import ethtool_messages
+
     _check_ifname(ifname)
-    msg = CoalesceMsg()
+    msg = ethtool_messages.CoalesceMsg()
     msg["cmd"] = cmd
     msg["version"] = GENL_VERSION
-    msg["attrs"].append([_PREFIX + "HEADER", {"attrs": [["ETHTOOL_A_HEADER_DEV_NAME", ifname]]}])
+    msg["attrs"].append([COALESCE_PREFIX + "HEADER", {"attrs": [["ETHTOOL_A_HEADER_DEV_NAME", ifname]]}])
     return msg
 
 
@@ -398,6 +351,8 @@ class _Netlink:
             raise
 
     def _resolve_family(self) -> int:
+        from pyroute2 import netlink
+
         msg = netlink.ctrlmsg()
         msg["cmd"] = _CTRL_CMD_GETFAMILY
         msg["version"] = 1
@@ -452,9 +407,11 @@ class _Netlink:
             raise _os_error(exc, ifname) from exc
 
     def get(self, ifname: str) -> dict[str, int]:
+        from agentlat.tuners.kernel import ethtool_messages
+
         out: dict[str, int] = {}
         for chunk in self._request(build_get(ifname), ifname):
-            reply = CoalesceMsg(chunk)
+            reply = ethtool_messages.CoalesceMsg(chunk)
             reply.decode()
             if reply["cmd"] == ETHTOOL_MSG_COALESCE_GET_REPLY:
                 out.update(parse_reply(reply))
@@ -478,7 +435,7 @@ class _Netlink:
 SIOCETHTOOL: Final = 0x8946
 ETHTOOL_GCOALESCE: Final = 0x0000000E
 ETHTOOL_SCOALESCE: Final = 0x0000000F
-IOCTL_PARAMS: Final[tuple[str, ...]] = tuple(_BY_ATTR[_PREFIX + attr] for attr, _ in _SCALAR_ATTRS[:22])
+IOCTL_PARAMS: Final[tuple[str, ...]] = tuple(_BY_ATTR[COALESCE_PREFIX + attr] for attr, _ in SCALAR_ATTRS[:22])
 _IFREQ: Final = struct.Struct("16sP")  # ifr_name, ifr_data; struct ifreq is 40 bytes on LP64
 _IFREQ_SIZE: Final = 40
 _Coalesce = ctypes.c_uint32 * (1 + len(IOCTL_PARAMS))
