@@ -127,7 +127,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from agentlat.operator.model import host
 
     effective = load_policy(args.policy)
-    result = planner.make_plan(effective, host.read(args.root), _label(args.policy))
+    result = planner.make_plan(effective, host.read_for(effective, args.root), _label(args.policy))
     sys.stdout.write(render.plan_table(result) if args.output == "table"
                      else render.dump(render.plan_document(result), args.output))
     return common.EXIT_OK
@@ -139,7 +139,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     effective = load_policy(args.policy)
     with _journal(args) as log, log.lock():
-        result = planner.make_plan(effective, engine.original_host(args.root, log), _label(args.policy))
+        result = planner.make_plan(effective, engine.original_host(args.root, log, effective), _label(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"
                              else render.dump(render.plan_document(result), args.output))

@@ -13,9 +13,8 @@ from typing import Any
 
 from agentlat.operator.cli import render
 from agentlat.operator.core import planner
-from agentlat.operator.model import errors, host, policy, workloads
+from agentlat.operator.model import errors, host, policy
 from agentlat.operator.observe import wakeups
-from agentlat.tuners.kernel import hostfs
 
 EXAMPLES = """\
 examples:
@@ -50,18 +49,17 @@ def target(args: argparse.Namespace, root: pathlib.Path = pathlib.Path("/")) -> 
         raise errors.single("observe", "", "nothing to observe: give --policy FILE or --pid PID")
     found: list[wakeups.Workload] = []
     budget = args.budget
-    snapshot = host.read(root)
+    chosen = policy.merge(policy.load_file(args.policy)) if args.policy else None
+    snapshot = host.read(root, wanted=chosen.workloads if chosen else ())
     agent = frozenset(snapshot.online)
-    if args.policy:
-        chosen = policy.merge(policy.load_file(args.policy))
+    if chosen is not None:
         budget = budget if budget is not None else chosen.step_p99_micros
         cpus, _ = planner.resolve_cpus(chosen, snapshot, str(args.policy))
         agent = cpus.agent or agent
-        discovery = workloads.Discovery(hostfs.HostFS(root))
         for spec in chosen.workloads:
             if spec.latency_class == "background":
                 continue
-            pids = frozenset(process.pid for process in discovery.find(spec, None).processes)
+            pids = frozenset(process.pid for process in snapshot.found[spec.name].processes)
             found.append(wakeups.Workload(spec.name, float(budget or wakeups.DEFAULT_BUDGET_US), pids=pids))
     found += [wakeups.Workload(f"pid {pid}", float(budget or wakeups.DEFAULT_BUDGET_US), pids=frozenset({pid}))
               for pid in args.pid]

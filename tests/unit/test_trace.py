@@ -9,6 +9,7 @@ import re
 import pytest
 
 from agentlat.operator.bench import trace
+from agentlat.operator.cli import common
 from agentlat.operator.cli import main as cli
 
 MAP_NAME = re.compile(r"@\w+")
@@ -23,6 +24,6 @@ def test_no_two_stages_share_a_map() -> None:
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])
 def test_non_positive_duration_is_one_line_and_exit_2(value: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["trace", "--duration", value]) == cli.EXIT_INPUT
+    assert cli.main(["trace", "--duration", value]) == common.EXIT_INPUT
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--duration" in err and "positive" in err
