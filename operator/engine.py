@@ -18,6 +18,7 @@ from agentlat.operator import context, host, hostfs, journal, plan, workloads
 from agentlat.tuners import base, registry
 
 OK_OUTCOMES = frozenset({"Applied", "Unchanged", "Reverted"})
+_TUNER_NAMES = frozenset(tuner.name for tuner in registry.ALL)
 WriteHook = Callable[[int], None]
 
 _ERRNO_HINTS = {
@@ -230,6 +231,9 @@ def _failure(tuner: str, target: str, exc: OSError | base.Unsupported, before: s
         return Result(tuner, target, "Unsupported", "not supported by this kernel or driver (EOPNOTSUPP)", code, before)
     name = errno.errorcode.get(code or 0, "E?")
     hint = _ERRNO_HINTS.get(code or 0, exc.strerror or str(exc))
+    capability = getattr(registry.by_name(tuner), "capability", None) if tuner in _TUNER_NAMES else None
+    if code in (errno.EPERM, errno.EACCES) and capability:
+        hint = f"{hint.split(' (')[0]} (needs {capability})"
     return Result(tuner, target, "Failed", f"{name}: {hint}", code, before)
 
 

@@ -55,6 +55,7 @@ class Wants:
 
 class SchedTuner:
     name = NAME
+    capability = "CAP_SYS_NICE"  # what a refused write (EPERM/EACCES) most likely lacks
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
         if host.discovery is None:

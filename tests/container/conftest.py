@@ -65,7 +65,7 @@ def agent_image() -> str:
 
 
 @pytest.fixture
-def kubeconfig(kube_apiserver: apiserver.ApiServer, tmp_path: pathlib.Path) -> pathlib.Path:
+def kubeconfig(kube_apiserver: apiserver.ApiServer, tmp_path: pathlib.Path) -> pathlib.Path:  # noqa: F811
     """The agent's credentials and the server's address, as a kubeconfig file mounted into the container."""
     return kube_apiserver.write_kubeconfig(tmp_path / "kubeconfig", NS, "agentlat-agent")
 
