@@ -30,6 +30,7 @@ _VIRTIO_NET_F_NOTF_COAL = 53
 
 class NicTuner:
     name = NAME
+    capability = "CAP_NET_ADMIN"  # what a refused write (EPERM/EACCES) most likely lacks
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
         if not policy.nic:

@@ -23,6 +23,7 @@ NAME = "rps"
 
 class RpsTuner(base.FileTuner):
     name = NAME
+    capability = "CAP_NET_ADMIN"  # what a refused write (EPERM/EACCES) most likely lacks
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
         if not policy.irq.rps or not cpus.agent:

@@ -56,6 +56,7 @@ class Wants:
 
 class SchedTuner:
     name = NAME
+    capability = "CAP_SYS_NICE"  # what a refused write (EPERM/EACCES) most likely lacks
 
     def plan(self, policy: policy.Policy, host: host.Host, cpus: plan.Cpus) -> Iterator[plan.Action | plan.Skip]:
         claimed: dict[tuple[int, int], str] = {}

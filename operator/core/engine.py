@@ -23,6 +23,7 @@ from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, registry
 from agentlat.tuners.kernel import hostfs
 
+_TUNER_NAMES = frozenset(tuner.name for tuner in registry.ALL)
 WriteHook = Callable[[int], None]
 Predicate = Callable[[str, str], bool]  # (tuner, target) -> in scope
 Only = Predicate | Collection[tuple[str, str]]  # a predicate, or the (tuner, target) pairs in scope
@@ -285,6 +286,9 @@ def _failure(tuner: str, target: str, exc: OSError | base.Unsupported, before: s
         return Result(tuner, target, "Unsupported", "not supported by this kernel or driver (EOPNOTSUPP)", code, before)
     name = errno.errorcode.get(code or 0, "E?")
     hint = _ERRNO_HINTS.get(code or 0, exc.strerror or str(exc))
+    capability = getattr(registry.by_name(tuner), "capability", None) if tuner in _TUNER_NAMES else None
+    if code in (errno.EPERM, errno.EACCES) and capability:
+        hint = f"{hint.split(' (')[0]} (needs {capability})"
     return Result(tuner, target, "Failed", f"{name}: {hint}", code, before)
 
 

@@ -246,6 +246,18 @@ def profile_status(state: daemon.NodeState, generation: int, *, deleting: bool, 
     return status
 
 
+def replacing(previous: Mapping[str, Json], new: Mapping[str, Json]) -> dict[str, Json]:
+    """A JSON merge patch turning ``previous`` into ``new``: keys ``new`` no longer has become null (a merge
+    patch keeps every key it does not mention, so a restarted agent's outcomes would keep the old counts)."""
+    patch = dict(new)
+    for key, old in previous.items():
+        if key not in new:
+            patch[key] = None
+        elif isinstance(old, Mapping) and isinstance(new[key], Mapping):
+            patch[key] = replacing(old, new[key])
+    return patch
+
+
 def _without_times(status: Mapping[str, Json], measurements: bool = True) -> str:
     conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or ()]
     shown = {k: v for k, v in status.items() if measurements or k != "measurements"}
@@ -475,7 +487,7 @@ class Agent:
             return
         try:
             self._custom.patch_cluster_custom_object_status(profiles.GROUP, profiles.VERSION, profiles.PLURAL,
-                                                            self.node, {"status": status})
+                                                            self.node, {"status": replacing(previous, status)})
         except kubernetes.client.ApiException as exc:
             self.metrics.status_writes.labels("error" if exc.status != 404 else "gone").inc()
             if exc.status != 404:

@@ -1,4 +1,4 @@
-"""Static checks of the Dockerfile (no container engine here to build it)."""
+"""Static checks of the Dockerfile (tests/container builds and runs it for real)."""
 
 from __future__ import annotations
 
