@@ -30,8 +30,8 @@ import pytest
 from agentlat.operator.core import context, engine, journal
 from agentlat.operator.kube import profiles
 from tests.container import conftest as ct
+from tests.fakeapi import apiserver
 from tests.host import test_ethtool_coalesce as oracle
-from tests.kube import apiserver
 
 pytestmark = [pytest.mark.host, pytest.mark.container]
 
