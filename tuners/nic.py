@@ -21,7 +21,7 @@ from typing import Any
 
 from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import base
-from agentlat.tuners.kernel import ethtool
+from agentlat.tuners.kernel import ethtool, hostfs
 
 NAME = "nic"
 _VIRTIO_NET_F_VQ_NOTF_COAL = 52
@@ -137,7 +137,7 @@ def _supported(root: pathlib.Path, ifname: str) -> dict[str, int]:
 
 
 def _get(root: pathlib.Path, ifname: str) -> dict[str, int]:
-    if host.is_live(root):
+    if hostfs.is_live(root):
         return ethtool.get_coalesce(ifname)
     data = _load(root, ifname)
     if isinstance(data.get("errno"), str):
@@ -147,7 +147,7 @@ def _get(root: pathlib.Path, ifname: str) -> dict[str, int]:
 
 
 def _set(root: pathlib.Path, ifname: str, param: str, value: int) -> None:
-    if host.is_live(root):
+    if hostfs.is_live(root):
         ethtool.set_coalesce(ifname, {param: value})
         return
     params = _get(root, ifname)  # raises the device's errno, like the kernel would
@@ -162,19 +162,20 @@ def _set(root: pathlib.Path, ifname: str, param: str, value: int) -> None:
         return  # a driver that takes the value and drops it
     params[param] = value
     data["params"] = params
-    _coalesce_file(root, ifname).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    hostfs.write_bytes(root, _coalesce_file(ifname), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+                       truncate=True)
 
 
-def _coalesce_file(root: pathlib.Path, ifname: str) -> pathlib.Path:
-    return base.safe_path(root, f"sys/class/net/{ifname}/{host.COALESCE_FILE}")
+def _coalesce_file(ifname: str) -> str:
+    return base.safe_target(f"sys/class/net/{ifname}/{host.COALESCE_FILE}")
 
 
 def _load(root: pathlib.Path, ifname: str) -> dict[str, Any]:
-    if not (root / "sys/class/net" / ifname).exists():
+    if not hostfs.exists(root, f"sys/class/net/{ifname}"):
         raise OSError(errno.ENODEV, os.strerror(errno.ENODEV), ifname)
-    path = _coalesce_file(root, ifname)
+    path = _coalesce_file(ifname)
     try:
-        data: Any = json.loads(path.read_text())
+        data: Any = json.loads(hostfs.read_text(root, path))
     except FileNotFoundError:
         raise OSError(errno.EOPNOTSUPP, f"no {host.COALESCE_FILE} in this tree", ifname) from None
     except ValueError as exc:
@@ -185,8 +186,7 @@ def _load(root: pathlib.Path, ifname: str) -> dict[str, Any]:
 
 
 def _driver(root: pathlib.Path, ifname: str) -> str | None:
-    link = root / "sys/class/net" / ifname / "device/driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+    return hostfs.HostFS(root).link_name(f"sys/class/net/{ifname}/device/driver")
 
 
 def _describe(root: pathlib.Path, ifname: str) -> str:
@@ -198,7 +198,7 @@ def _why_ignored(root: pathlib.Path, ifname: str) -> str:
     if _driver(root, ifname) != "virtio_net":
         return ""
     try:
-        bits = (root / "sys/class/net" / ifname / "device/features").read_text().strip()
+        bits = hostfs.read_text(root, f"sys/class/net/{ifname}/device/features").strip()
     except OSError:
         return ""
     negotiated = {i for i, bit in enumerate(bits) if bit == "1"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -111,12 +110,13 @@ class Host:
         return self.numa_nodes.get(node, frozenset())
 
 
-class HostError(Exception):
-    """The root does not look like a Linux host tree (wrong --root, missing /proc)."""
+# The root does not look like a Linux host tree (wrong --root, missing /proc, a file over the read cap).
+HostError = hostfs.HostTreeError
 
 
 def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
          selection: workloads.Selection | None = None) -> Host:
+    hostfs.check_live(root)
     fs = fs or hostfs.HostFS(root)
     interrupts = fs.read("proc/interrupts")
     online_text = fs.read("sys/devices/system/cpu/online")
@@ -203,12 +203,6 @@ def _queue_masks(fs: hostfs.HostFS, base: str, queues: Iterable[str], file: str)
     return {queue: mask for queue, mask in masks.items() if mask is not None}
 
 
-def is_live(root: pathlib.Path) -> bool:
-    """Whether ``root`` is this machine's own root: only then may anything go to the kernel directly
-    (netlink). Any other root is a tree of files, and never touches real devices."""
-    return os.path.realpath(root) == "/"
-
-
 def coalesce_target(ifname: str, param: str) -> str:
     return f"{COALESCE_TARGET}/{ifname}/{param}"
 
@@ -232,7 +226,7 @@ def parse_coalesce_file(text: str | None) -> tuple[dict[str, int] | None, str | 
 
 
 def _read_coalesce(fs: hostfs.HostFS, name: str) -> tuple[dict[str, int] | None, str | None]:
-    if is_live(fs.root):
+    if hostfs.is_live(fs.root):
         try:
             params: dict[str, int] | None = ethtool.get_coalesce(name)
             error = None

@@ -30,7 +30,7 @@ import stat
 import struct
 from collections.abc import Mapping
 
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, hostfs
 
 TUNER = "irqbalance"
 SOCKET_DIR = "run/irqbalance"
@@ -139,14 +139,14 @@ def find(root: pathlib.Path) -> list[Instance]:
     """Every running irqbalance under ``root`` (by ``/proc/PID/comm``)."""
     found = []
     try:
-        names = os.listdir(root / "proc")
+        names = hostfs.listdir(root, "proc")
     except OSError:
         return []
     for name in names:
         if not name.isdigit():
             continue
         try:
-            comm = (root / "proc" / name / "comm").read_text().strip()
+            comm = hostfs.read_text(root, f"proc/{name}/comm").strip()
         except OSError:
             continue
         if comm == "irqbalance":
@@ -186,7 +186,7 @@ def read_version(root: pathlib.Path, pid: int) -> str | None:
 
 def read_env(root: pathlib.Path, pid: int) -> dict[str, str]:
     try:
-        raw = (root / "proc" / str(pid) / "environ").read_bytes()
+        raw = hostfs.read_bytes(root, f"proc/{pid}/environ")
     except OSError:
         return {}
     env = {}
@@ -209,7 +209,7 @@ def auto_banned(root: pathlib.Path, env: Mapping[str, str]) -> cpulist.CpuSet:
     banned: set[int] = set()
     for name in ("isolated", "nohz_full"):
         try:
-            text = (root / "sys/devices/system/cpu" / name).read_text().strip()
+            text = hostfs.read_text(root, f"sys/devices/system/cpu/{name}").strip()
             banned |= cpulist.parse(text) if text and text != "(null)" else set()
         except (OSError, cpulist.CpuListError):
             continue
