@@ -27,12 +27,11 @@ from journaled originals still knows the choices; ``write`` and ``same`` use the
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator.model import host, plan, policy
+from agentlat.operator.model import host, patterns, plan, policy
 from agentlat.tuners import base
 from agentlat.tuners.kernel import hostfs
 
@@ -49,7 +48,7 @@ class BlkTuner(base.FileTuner):
             return
         for name in sorted(host.blockdevs):
             device = host.blockdevs[name]
-            rule = next((rule for rule in policy.block if fnmatch.fnmatchcase(name, rule.name)), None)
+            rule = next((rule for rule in policy.block if patterns.glob_match(name, rule.name)), None)
             if rule is not None:
                 yield from _plan_device(device, rule)
 

@@ -12,14 +12,13 @@ reported Unsupported (the driver ignores it), not Contested (nothing else had ti
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import os
 import pathlib
 from collections.abc import Iterator
 from typing import Any
 
-from agentlat.operator.model import host, plan, policy
+from agentlat.operator.model import host, patterns, plan, policy
 from agentlat.tuners import base
 from agentlat.tuners.kernel import ethtool, hostfs
 
@@ -81,9 +80,9 @@ def matches(rule: policy.NicRule, netdev: host.NetDev) -> bool:
     """Name glob and/or driver glob; a rule naming both needs both."""
     if rule.name is None and rule.driver is None:
         return False
-    if rule.name is not None and not fnmatch.fnmatchcase(netdev.name, rule.name):
+    if rule.name is not None and not patterns.glob_match(netdev.name, rule.name):
         return False
-    return rule.driver is None or (netdev.driver is not None and fnmatch.fnmatchcase(netdev.driver, rule.driver))
+    return rule.driver is None or (netdev.driver is not None and patterns.glob_match(netdev.driver, rule.driver))
 
 
 def parse_target(target: str) -> tuple[str, str]:

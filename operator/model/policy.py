@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from agentlat.operator.model import errors, schema
+from agentlat.operator.model import errors, patterns, schema
 from agentlat.tuners.kernel import cpulist
 
 API_VERSION = "agentlat.io/v1alpha1"
@@ -200,10 +200,9 @@ def _semantic_problems(spec: dict[str, Any]) -> list[errors.Problem]:
             pattern = workload.get("processSelector", {}).get(field)
             if pattern is not None:
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    where = f"spec.workloads[{index}].processSelector.{field}"
-                    problems.append(errors.Problem(where, f"{pattern!r} is not a valid regex: {exc}"))
+                    patterns.regex(pattern)
+                except patterns.PatternError as exc:
+                    problems.append(errors.Problem(f"spec.workloads[{index}].processSelector.{field}", str(exc)))
     return problems
 
 
