@@ -123,8 +123,9 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
     if interrupts is None or online_text is None:
         raise HostError(f"{root} has no proc/interrupts or sys/devices/system/cpu/online: "
                         "not a Linux host tree (is --root right?)")
-    online = cpulist.parse(online_text)
-    possible = cpulist.parse(fs.read("sys/devices/system/cpu/possible") or online_text) | online
+    online = _cpus(fs, "sys/devices/system/cpu/online", online_text)
+    possible = _cpus(fs, "sys/devices/system/cpu/possible", fs.read("sys/devices/system/cpu/possible") or online_text)
+    possible |= online
     pci = _read_pci(fs)
     netdevs = _read_netdevs(fs, pci)
     blockdevs = _read_blockdevs(fs, pci)
@@ -137,7 +138,7 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
         possible=possible,
         numa_nodes=_read_numa(fs, online),
         irqs=_read_irqs(fs, interrupts, pci, served),
-        default_affinity=fs.read("proc/irq/default_smp_affinity"),
+        default_affinity=_checked_mask(fs, "proc/irq/default_smp_affinity"),
         pci=pci,
         netdevs=netdevs,
         blockdevs=blockdevs,
@@ -151,7 +152,8 @@ def _read_numa(fs: hostfs.HostFS, online: cpulist.CpuSet) -> dict[int, cpulist.C
     nodes: dict[int, cpulist.CpuSet] = {}
     for name in fs.listdir("sys/devices/system/node"):
         if name.startswith("node") and name[4:].isdigit():
-            nodes[int(name[4:])] = cpulist.parse(fs.read(f"sys/devices/system/node/{name}/cpulist") or "")
+            rel = f"sys/devices/system/node/{name}/cpulist"
+            nodes[int(name[4:])] = _cpus(fs, rel, fs.read(rel) or "")
     return nodes or {0: online}
 
 
@@ -289,6 +291,8 @@ def _read_irqs(fs: hostfs.HostFS, interrupts: str, pci: Mapping[str, PciDevice],
     legacy = {device.legacy_irq: device for device in pci.values() if device.legacy_irq and not device.msi_irqs}
     lines = interrupts.splitlines()
     columns = len(lines[0].split()) if lines else 0
+    if columns > cpulist.MAX_CPUS:
+        raise HostError(f"{fs.root}/proc/interrupts has {columns} CPU columns, more than {cpulist.MAX_CPUS}")
     irqs: dict[int, Irq] = {}
     for line in lines[1:]:
         label, _, rest = line.partition(":")
@@ -326,9 +330,9 @@ def _read_irq(fs: hostfs.HostFS, number: int, chip: str, hwirq: str, actions: tu
         actions=actions,
         chip=chip,
         hwirq=hwirq,
-        affinity=cpulist.parse(affinity_text) if affinity_text is not None else None,
+        affinity=_cpus(fs, f"{base}/smp_affinity_list", affinity_text) if affinity_text is not None else None,
         affinity_text=affinity_text,
-        effective=cpulist.parse(effective_text) if effective_text else None,
+        effective=_cpus(fs, f"{base}/effective_affinity_list", effective_text) if effective_text else None,
         node=_node(node) if node is not None and node >= 0 else (device.numa_node if device else -1),
         pci=device.address if device else None,
         msi=device.msi_irqs.get(number) if device else None,
@@ -347,6 +351,24 @@ def _movability(fs: hostfs.HostFS, base: str, chip: str, affinity: str | None) -
     if not fs.writable(f"{base}/smp_affinity_list"):
         return False, "kernel-managed affinity (smp_affinity is read-only)"
     return True, None
+
+
+def _cpus(fs: hostfs.HostFS, rel: str, text: str) -> cpulist.CpuSet:
+    """A CPU list from a host file; a file that is not one is a bad host tree, named."""
+    try:
+        return cpulist.parse(text)
+    except cpulist.CpuListError as exc:
+        raise HostError(f"{fs.root / rel}: {exc}") from None
+
+
+def _checked_mask(fs: hostfs.HostFS, rel: str) -> str | None:
+    text = fs.read(rel)
+    if text is not None:
+        try:
+            cpulist.parse_mask(text)
+        except cpulist.CpuListError as exc:
+            raise HostError(f"{fs.root / rel}: {exc}") from None
+    return text
 
 
 def _node(value: int | None) -> int:

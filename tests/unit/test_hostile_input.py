@@ -6,11 +6,13 @@ from __future__ import annotations
 import fnmatch
 import pathlib
 import time
+from collections.abc import Callable
 
 import pytest
 
 from agentlat.operator.model import host, patterns, policy, workloads
 from tests import workloadgen
+from tests.plugins import hosts
 from tests.workloadgen import Proc, Spec
 
 HOSTILE = "a" * 10_000 + "!"
@@ -67,3 +69,85 @@ def test_a_selector_past_its_cpu_budget_tunes_nothing(tmp_path: pathlib.Path,
     found = _discover(root, policy.ProcessSelector(comm="agent"))
     assert not found.processes
     assert found.note is not None and "CPU budget" in found.note
+
+
+# --- size bounds: each case in its own process, peak RSS measured there ----------------------------
+
+PEAK_MB = 200
+MEASURE = """
+import resource, sys
+from agentlat.operator.cli import main
+code = main.main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, code)
+"""
+HEAD = "apiVersion: agentlat.io/v1alpha1\nkind: AgentLatencyPolicy\nmetadata: {name: p}\n"
+
+
+def _run_measured(*args: object) -> tuple[int, int, str]:
+    """(peak RSS in MB, exit code, stderr) of `agentlat ARGS` in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", MEASURE, *map(str, args)], capture_output=True, text=True,
+                          timeout=60)
+    peak, code = done.stdout.split()[-2:]
+    return int(peak), int(code), done.stderr
+
+
+def _alias_bomb() -> str:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{c}: &{c} [{', '.join(['*' + chr(ord(c) - 1)] * 9)}]" for c in "bcdefghi"]
+    return HEAD + "spec:\n  irq:\n    exclude: *i\n" + "\n".join(lines) + "\n"
+
+
+def _policy_case(tmp_path: pathlib.Path, name: str) -> pathlib.Path:
+    path = tmp_path / "policy.yaml"
+    if name == "cpu-range":
+        path.write_text(HEAD + 'spec: {agentCpus: "0-4294967295"}\n')
+    elif name == "alias-bomb":
+        path.write_text(_alias_bomb())
+    elif name == "deep-nesting":
+        path.write_text(HEAD + "spec: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    elif name == "5mb-yaml":
+        path.write_text("items:\n" + "".join(f"- k{i}: {'v' * 60}\n" for i in range(80_000)))
+    elif name == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif name == "fifo":
+        import os
+        os.mkfifo(path)
+    elif name == "binary":
+        path.write_bytes(bytes(range(256)) * 64)
+    return path
+
+
+@pytest.mark.parametrize("case", ["cpu-range", "alias-bomb", "deep-nesting", "5mb-yaml", "dev-zero", "fifo",
+                                  "binary"])
+def test_hostile_policy_is_one_line_exit_2_in_bounded_memory(tmp_path: pathlib.Path, case: str) -> None:
+    started = time.monotonic()
+    peak, code, err = _run_measured("plan", _policy_case(tmp_path, case), "--root", hosts.FIXTURES / "vm-2cpu")
+    assert code == 2, err
+    assert err.count("\n") == 1 and "internal error" not in err, err
+    assert peak < PEAK_MB, f"{case}: peak RSS {peak} MB"
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("case", ["interrupts-1gb", "affinity-range", "huge-mask"])
+def test_hostile_host_files_are_bounded(fixture_host: Callable[[str], pathlib.Path], case: str) -> None:
+    root = fixture_host("vm-2cpu")
+    if case == "interrupts-1gb":
+        with (root / "proc/interrupts").open("r+b") as stream:
+            stream.truncate(1 << 30)  # sparse: 1 GB of NULs after the real content
+    elif case == "affinity-range":
+        (root / "proc/irq/24/smp_affinity_list").write_text("0-4294967295\n")
+    else:
+        (root / "proc/irq/default_smp_affinity").write_text(",".join(["00000000"] * 100_000) + "\n")  # 0.9 MB
+    started = time.monotonic()
+    peak, code, err = _run_measured("plan", hosts.REPO / "examples/interactive-agents.yaml", "--root", root)
+    elapsed = time.monotonic() - started
+    assert peak < PEAK_MB, f"{case}: peak RSS {peak} MB"
+    assert elapsed < 30
+    assert code == 2, err
+    assert err.count("\n") == 1 and "internal error" not in err, err
+    named = {"interrupts-1gb": "proc/interrupts", "affinity-range": "smp_affinity_list",
+             "huge-mask": "default_smp_affinity"}
+    assert named[case] in err, err
