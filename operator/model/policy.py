@@ -207,7 +207,7 @@ def _envelope_problems(document: dict[str, Any]) -> list[errors.Problem]:
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
     if name is None:
-        problems.append(errors.Problem("metadata.name", "missing"))
+        problems.append(errors.Problem("metadata.name", "missing (a DNS subdomain name)"))
     elif not isinstance(name, str) or len(name) > 253 or not _NAME.match(name):
         problems.append(errors.Problem("metadata.name", f"{_short(name)} is not a DNS subdomain name"))
     unknown = sorted(set(document) - {"apiVersion", "kind", "metadata", "spec", "status"})
