@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(commands, "revert", cmd_revert, "write every journaled original value back",
          "Restore, newest first, every value agentlat changed on this host in this boot. Targets that "
          "vanished are reported. Originals from an earlier boot are never written back.",
-         _root_arg, _state_arg, _timeout_arg, _output_arg)
+         _root_arg, _state_arg, _timeout_arg, _output_arg, _from_backup_arg)
     _add(commands, "status", cmd_status, "what is applied, by which policy, and what drifted",
          "Read the journal and compare every applied target's live value with the desired one.",
          _root_arg, _state_arg, _output_arg)
@@ -155,6 +155,11 @@ def _timeout_arg(parser: argparse.ArgumentParser) -> None:
                         help="stop after S seconds (finishing the current write), abort 5 s later")
 
 
+def _from_backup_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from-backup", action="store_true",
+                        help=f"first rebuild a damaged journal from {journal.BACKUP} beside it, then revert")
+
+
 def _out_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=pathlib.Path, required=True, metavar="DIR", help="where to write the tree")
 
@@ -190,6 +195,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
+    if args.from_backup:
+        restored = journal.Journal.recover(args.state)
+        print(f"agentlat: journal rebuilt from {args.state / journal.BACKUP}: {restored} originals (the damaged "
+              "journal is kept beside it as journal.sqlite3.damaged-*)", file=sys.stderr)
     with _journal(args) as log, log.lock():
         ctx = context.Context("revert")
         report = supervise.run(ctx, lambda: engine.revert(ctx, log, args.root), args.timeout)
