@@ -355,7 +355,7 @@ def _connect(state_dir: pathlib.Path) -> sqlite3.Connection:
 
 
 def _damaged(state_dir: pathlib.Path, reason: str) -> JournalError:
-    if "readonly" in reason or "unable to open" in reason or "disk" in reason:
+    if any(word in reason for word in ("readonly", "unable to open", "disk is full", "locked")):
         return JournalError(state_dir, f"cannot use the journal: {reason}")
     return JournalError(state_dir, f"the journal is damaged ({reason}): `agentlat revert --from-backup --state "
                                    f"{state_dir}` moves it aside and restores the originals from {BACKUP}")
