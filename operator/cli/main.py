@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import signal
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("agentlat: interrupted; the journal is consistent (`agentlat revert` undoes what was written)",
               file=sys.stderr)
         return EXIT_INTERRUPTED
+    except supervise.TimedOut as exc:
+        print(f"agentlat: error: {exc}", file=sys.stderr)
+        return EXIT_PARTIAL
     except errors.InputError as exc:
         print(f"agentlat: error: {exc.render()}", file=sys.stderr)
         return EXIT_INPUT
@@ -179,9 +183,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    effective = load_policy(args.policy)
-    with _journal(args) as log, log.lock():
-        result = planner.make_plan(effective, engine.original_host(args.root, log), str(args.policy))
+    with contextlib.ExitStack() as held:
+        with supervise.deadline(args.timeout, "reading the policy and the host") as remaining:
+            effective = load_policy(args.policy)
+            log = held.enter_context(_journal(args))
+            held.enter_context(log.lock())
+            result = planner.make_plan(effective, engine.original_host(args.root, log), str(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"
                              else render.dump(render.plan_document(result), args.output))
@@ -190,7 +197,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         ctx = context.Context(f"apply-{effective.name}")
         report = supervise.run(ctx, lambda: engine.apply(
             result, ctx, log, args.root, policy=effective.name, generation=effective.generation,
-            after_write=_fault_hook()), args.timeout)
+            after_write=_fault_hook()), remaining())
     return _print_report(report, args.output, result.skips)
 
 

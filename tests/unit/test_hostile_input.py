@@ -151,3 +151,25 @@ def test_hostile_host_files_are_bounded(fixture_host: Callable[[str], pathlib.Pa
     named = {"interrupts-1gb": "proc/interrupts", "affinity-range": "smp_affinity_list",
              "huge-mask": "default_smp_affinity"}
     assert named[case] in err, err
+
+
+def test_timeout_bounds_the_phases_before_the_first_write(fixture_host: Callable[[str], pathlib.Path],
+                                                          run_cli: Callable[..., hosts.CliResult],
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: pathlib.Path) -> None:
+    """A host read that stalls (a hung filesystem) ends at --timeout: one line, exit 3, nothing written."""
+    import threading
+
+    from agentlat.operator.core import engine
+
+    root = fixture_host("vm-2cpu")
+    before = hosts.tree_bytes(root)
+    stall = threading.Event()
+    monkeypatch.setattr(engine, "original_host", lambda *args, **kwargs: stall.wait(60))
+    started = time.monotonic()
+    result = run_cli("apply", hosts.REPO / "examples/interactive-agents.yaml", "--root", root,
+                     "--state", tmp_path / "state", "--timeout", "0.5")
+    assert time.monotonic() - started < 5
+    assert result.code == 3 and "--timeout 0.5s reached" in result.err and result.err.count("\n") == 1, result
+    assert hosts.tree_bytes(root) == before
+    assert run_cli("revert", "--root", root, "--state", tmp_path / "state").code == 0  # the lock was released
