@@ -74,11 +74,14 @@ def test_a_selector_past_its_cpu_budget_tunes_nothing(tmp_path: pathlib.Path,
 # --- size bounds: each case in its own process, peak RSS measured there ----------------------------
 
 PEAK_MB = 200
+# Peak RSS of this process image: VmHWM belongs to the address space exec created. getrusage's ru_maxrss
+# would do too, but Linux carries it over from the forking parent (a large pytest process) across exec.
 MEASURE = """
-import resource, sys
+import re, sys
 from agentlat.operator.cli import main
 code = main.main(sys.argv[1:])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, code)
+status = open("/proc/self/status").read()
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024, code)
 """
 HEAD = "apiVersion: agentlat.io/v1alpha1\nkind: AgentLatencyPolicy\nmetadata: {name: p}\n"
 
