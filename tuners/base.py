@@ -8,12 +8,12 @@ same ``write``.
 from __future__ import annotations
 
 import errno
-import os
 import pathlib
 from collections.abc import Iterable
 from typing import Protocol
 
 from agentlat.operator.model import host, plan, policy
+from agentlat.tuners.kernel import hostfs
 
 ALLOWED_TOPS = ("proc", "sys")
 
@@ -55,21 +55,14 @@ class FileTuner:
     name = "file"
 
     def read(self, root: pathlib.Path, target: str) -> str:
-        return safe_path(root, target).read_text().rstrip("\n")
+        return hostfs.read_text(root, safe_target(target)).rstrip("\n")
 
     def write(self, root: pathlib.Path, target: str, value: str) -> None:
         """One write(2) of the value, as ``echo value > file`` does. Kernel files replace their value on
         write; a fixture file is truncated to what was written afterwards, so a refused write leaves
         the old value in both (no O_TRUNC, never O_CREAT)."""
-        path = safe_path(root, target)
         data = value.encode() if value.endswith("\n") else f"{value}\n".encode()
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, data)
-            if root != pathlib.Path("/"):
-                os.ftruncate(fd, len(data))
-        finally:
-            os.close(fd)
+        hostfs.write_bytes(root, safe_target(target), data, truncate=not hostfs.is_live(root))
 
     def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
         current = self.read(root, target)
@@ -83,9 +76,10 @@ class FileTuner:
         return ""
 
 
-def safe_path(root: pathlib.Path, target: str) -> pathlib.Path:
-    """ROOT/target, refused (EPERM) unless it stays under ROOT/proc or ROOT/sys: the host-safety rule."""
+def safe_target(target: str) -> str:
+    """``target``, refused (EPERM) unless it names a path under proc/ or sys/: the host-safety rule. The
+    caller opens it with :mod:`hostfs`, which keeps every link it follows inside the root."""
     parts = pathlib.PurePosixPath(target).parts
     if not parts or parts[0] not in ALLOWED_TOPS or ".." in parts or target.startswith("/"):
         raise PermissionError(errno.EPERM, f"refusing to touch {target}: only proc/ and sys/ are tuned")
-    return root / target
+    return target

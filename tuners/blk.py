@@ -27,13 +27,13 @@ from journaled originals still knows the choices; ``write`` and ``same`` use the
 from __future__ import annotations
 
 import errno
-import fnmatch
 import os
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator.model import host, plan, policy
+from agentlat.operator.model import host, patterns, plan, policy
 from agentlat.tuners import base
+from agentlat.tuners.kernel import hostfs
 
 NAME = "blk"
 MAX_SCHED_RQ = 2048  # block/blk-mq-sched.h: 16 * BLKDEV_DEFAULT_RQ
@@ -48,7 +48,7 @@ class BlkTuner(base.FileTuner):
             return
         for name in sorted(host.blockdevs):
             device = host.blockdevs[name]
-            rule = next((rule for rule in policy.block if fnmatch.fnmatchcase(name, rule.name)), None)
+            rule = next((rule for rule in policy.block if patterns.glob_match(name, rule.name)), None)
             if rule is not None:
                 yield from _plan_device(device, rule)
 
@@ -84,13 +84,14 @@ class BlkTuner(base.FileTuner):
         return current.strip() == desired.strip()
 
     def _write_scheduler(self, root: pathlib.Path, target: str, name: str, current: str) -> None:
-        if host.is_live(root):
+        if hostfs.is_live(root):
             super().write(root, target, name)
             return
         choices = [choice.strip("[]") for choice in current.split()]  # a tree: render as the kernel does
         if name not in choices:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), target)
-        super().write(root, target, " ".join(f"[{c}]" if c == name else c for c in choices))
+        rendered = " ".join(f"[{c}]" if c == name else c for c in choices)
+        super().write(root, target, rendered + (" " if current.endswith(" ") else ""))  # as the kernel prints
 
 
 def selected(text: str) -> str:
@@ -203,7 +204,7 @@ def _plan_kyber(device: host.BlockDev, rule: policy.BlockRule, final: str | None
 def _no_iosched(root: pathlib.Path, target: str) -> str:
     scheduler_file = target.split("/queue/")[0] + "/queue/scheduler"
     try:
-        active = selected(base.safe_path(root, scheduler_file).read_text())
+        active = selected(hostfs.read_text(root, base.safe_target(scheduler_file)))
     except OSError:
         return f"no {target}: the device is gone"
     return f"no {target}: the active scheduler is {active}, not kyber (did the switch to kyber fail?)"
@@ -212,8 +213,8 @@ def _no_iosched(root: pathlib.Path, target: str) -> str:
 def _nr_refused(root: pathlib.Path, target: str, value: str) -> str:
     queue = target.rsplit("/", 1)[0]
     try:
-        active = selected(base.safe_path(root, f"{queue}/scheduler").read_text())
-        depth = base.safe_path(root, queue.rsplit("/", 1)[0] + "/mq/0/nr_tags").read_text().strip()
+        active = selected(hostfs.read_text(root, base.safe_target(f"{queue}/scheduler")))
+        depth = hostfs.read_text(root, base.safe_target(queue.rsplit("/", 1)[0] + "/mq/0/nr_tags")).strip()
     except OSError:
         return f"nr_requests {value} refused (EINVAL)"
     limit = depth if active == "none" else str(MAX_SCHED_RQ)

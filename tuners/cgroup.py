@@ -32,7 +32,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
-from agentlat.tuners.kernel import taskattrs
+from agentlat.tuners.kernel import hostfs, taskattrs
 
 NAME = "cgroup"
 KEEP = "keep"
@@ -96,7 +96,7 @@ class CgroupTuner(base.FileTuner):
         """The kernel takes one ``MAJ:MIN target=N`` per write; devices not in ``value`` go back to max."""
         wanted = _parse_latency(value)
         current = _parse_latency(super().read(root, target))
-        if not taskattrs.is_live(root):  # a fixture file simply holds the configured lines
+        if not hostfs.is_live(root):  # a fixture file simply holds the configured lines
             super().write(root, target, _format_latency(wanted) or "")
             return
         for device in sorted(set(current) | set(wanted)):

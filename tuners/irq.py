@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import errno
-import fnmatch
 import pathlib
 from collections.abc import Iterator
 
-from agentlat.operator.model import host, plan, policy
+from agentlat.operator.model import host, patterns, plan, policy
 from agentlat.tuners import base
 from agentlat.tuners.kernel import cpulist
 
@@ -97,9 +96,9 @@ def _local_housekeeping(irq: host.Irq, host: host.Host, cpus: plan.Cpus) -> cpul
     return local or cpus.housekeeping
 
 
-def _excluded_by(irq: host.Irq, patterns: tuple[str, ...]) -> str | None:
-    for pattern in patterns:
-        if pattern == str(irq.number) or any(fnmatch.fnmatchcase(action, pattern) for action in irq.actions):
+def _excluded_by(irq: host.Irq, excluded: tuple[str, ...]) -> str | None:
+    for pattern in excluded:
+        if pattern == str(irq.number) or any(patterns.glob_match(action, pattern) for action in irq.actions):
             return pattern
     return None
 

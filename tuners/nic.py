@@ -12,16 +12,15 @@ reported Unsupported (the driver ignores it), not Contested (nothing else had ti
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import os
 import pathlib
 from collections.abc import Iterator
 from typing import Any
 
-from agentlat.operator.model import host, plan, policy
+from agentlat.operator.model import host, patterns, plan, policy
 from agentlat.tuners import base
-from agentlat.tuners.kernel import ethtool
+from agentlat.tuners.kernel import ethtool, hostfs
 
 NAME = "nic"
 _VIRTIO_NET_F_VQ_NOTF_COAL = 52
@@ -82,9 +81,9 @@ def matches(rule: policy.NicRule, netdev: host.NetDev) -> bool:
     """Name glob and/or driver glob; a rule naming both needs both."""
     if rule.name is None and rule.driver is None:
         return False
-    if rule.name is not None and not fnmatch.fnmatchcase(netdev.name, rule.name):
+    if rule.name is not None and not patterns.glob_match(netdev.name, rule.name):
         return False
-    return rule.driver is None or (netdev.driver is not None and fnmatch.fnmatchcase(netdev.driver, rule.driver))
+    return rule.driver is None or (netdev.driver is not None and patterns.glob_match(netdev.driver, rule.driver))
 
 
 def parse_target(target: str) -> tuple[str, str]:
@@ -155,7 +154,7 @@ def _supported(root: pathlib.Path, ifname: str) -> dict[str, int]:
 
 
 def _get(root: pathlib.Path, ifname: str) -> dict[str, int]:
-    if host.is_live(root):
+    if hostfs.is_live(root):
         return ethtool.get_coalesce(ifname)
     data = _load(root, ifname)
     if isinstance(data.get("errno"), str):
@@ -165,7 +164,7 @@ def _get(root: pathlib.Path, ifname: str) -> dict[str, int]:
 
 
 def _set(root: pathlib.Path, ifname: str, param: str, value: int) -> None:
-    if host.is_live(root):
+    if hostfs.is_live(root):
         ethtool.set_coalesce(ifname, {param: value})
         return
     params = _get(root, ifname)  # raises the device's errno, like the kernel would
@@ -180,19 +179,20 @@ def _set(root: pathlib.Path, ifname: str, param: str, value: int) -> None:
         return  # a driver that takes the value and drops it
     params[param] = value
     data["params"] = params
-    _coalesce_file(root, ifname).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    hostfs.write_bytes(root, _coalesce_file(ifname), (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+                       truncate=True)
 
 
-def _coalesce_file(root: pathlib.Path, ifname: str) -> pathlib.Path:
-    return base.safe_path(root, f"sys/class/net/{ifname}/{host.COALESCE_FILE}")
+def _coalesce_file(ifname: str) -> str:
+    return base.safe_target(f"sys/class/net/{ifname}/{host.COALESCE_FILE}")
 
 
 def _load(root: pathlib.Path, ifname: str) -> dict[str, Any]:
-    if not (root / "sys/class/net" / ifname).exists():
+    if not hostfs.exists(root, f"sys/class/net/{ifname}"):
         raise OSError(errno.ENODEV, os.strerror(errno.ENODEV), ifname)
-    path = _coalesce_file(root, ifname)
+    path = _coalesce_file(ifname)
     try:
-        data: Any = json.loads(path.read_text())
+        data: Any = json.loads(hostfs.read_text(root, path))
     except FileNotFoundError:
         raise OSError(errno.EOPNOTSUPP, f"no {host.COALESCE_FILE} in this tree", ifname) from None
     except ValueError as exc:
@@ -203,8 +203,7 @@ def _load(root: pathlib.Path, ifname: str) -> dict[str, Any]:
 
 
 def _driver(root: pathlib.Path, ifname: str) -> str | None:
-    link = root / "sys/class/net" / ifname / "device/driver"
-    return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+    return hostfs.HostFS(root).link_name(f"sys/class/net/{ifname}/device/driver")
 
 
 def _describe(root: pathlib.Path, ifname: str) -> str:
@@ -216,7 +215,7 @@ def _why_ignored(root: pathlib.Path, ifname: str) -> str:
     if _driver(root, ifname) != "virtio_net":
         return ""
     try:
-        bits = (root / "sys/class/net" / ifname / "device/features").read_text().strip()
+        bits = hostfs.read_text(root, f"sys/class/net/{ifname}/device/features").strip()
     except OSError:
         return ""
     features = host.virtio_features(bits)

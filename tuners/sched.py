@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
-from agentlat.tuners.kernel import cpulist, taskattrs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
 NAME = "sched"
 KEEP = "keep"
@@ -291,7 +291,7 @@ def _micros(ns: int) -> str:
 def _check_start(root: pathlib.Path, pid: int, tid: int, start: int) -> None:
     """Raise ProcessLookupError unless TID is still the thread the target was planned for."""
     try:
-        text = (root / "proc" / str(pid) / "task" / str(tid) / "stat").read_text()
+        text = hostfs.read_text(root, f"proc/{pid}/task/{tid}/stat")
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"thread {tid} of pid {pid} is gone") from None
     except ProcessLookupError:

@@ -62,11 +62,15 @@ def configure_revert(parser: argparse.ArgumentParser) -> None:
                     "With nothing applied it does nothing (and creates no state dir).", """\
   sudo agentlat revert                                         every original value back
   sudo agentlat revert --state /run/agentlat -o json           another journal, for scripts
+  sudo agentlat revert --from-backup                           a damaged journal: rebuild it, then revert
 """, cmd_revert)
     common.root_arg(parser)
     common.state_arg(parser)
     common.timeout_arg(parser)
     common.output_arg(parser)
+    parser.add_argument("--from-backup", action="store_true",
+                        help="first rebuild a damaged journal from originals.log beside it (the damaged one is "
+                             "kept as journal.sqlite3.damaged-*), then revert")
 
 
 def configure_status(parser: argparse.ArgumentParser) -> None:
@@ -137,9 +141,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from agentlat.operator.cli import render
     from agentlat.operator.core import context, engine, planner, supervise
 
-    effective = load_policy(args.policy)
-    with _journal(args) as log, log.lock():
-        result = planner.make_plan(effective, engine.original_host(args.root, log, effective), _label(args.policy))
+    with contextlib.ExitStack() as held:
+        with supervise.deadline(args.timeout, "reading the policy and the host") as remaining:
+            effective = load_policy(args.policy)
+            log = held.enter_context(_journal(args))
+            held.enter_context(log.lock())
+            result = planner.make_plan(effective, engine.original_host(args.root, log, effective),
+                                       _label(args.policy))
         if effective.mode == "DryRun":
             sys.stdout.write(render.plan_table(result) if args.output == "table"
                              else render.dump(render.plan_document(result), args.output))
@@ -148,13 +156,17 @@ def cmd_apply(args: argparse.Namespace) -> int:
         ctx = context.Context(f"apply-{effective.name}")
         report = supervise.run(ctx, lambda: engine.apply(
             result, ctx, log, args.root, policy=effective.name, generation=effective.generation,
-            after_write=_fault_hook()), args.timeout)
+            after_write=_fault_hook()), remaining())
     return _print_report(report, args.output, result.skips)
 
 
 def cmd_revert(args: argparse.Namespace) -> int:
-    from agentlat.operator.core import context, engine, supervise
+    from agentlat.operator.core import context, engine, journal, supervise
 
+    if args.from_backup:
+        restored = journal.Journal.recover(args.state)
+        print(f"agentlat: journal rebuilt from {args.state / journal.BACKUP}: {restored} originals (the damaged "
+              "journal is kept beside it as journal.sqlite3.damaged-*)", file=sys.stderr)
     existing = _existing_journal(args)
     if existing is None:
         return _print_report(engine.Report((), 0), args.output, ())
@@ -208,7 +220,7 @@ def _existing_journal(args: argparse.Namespace) -> journal.Journal | None:
 
     boot_id = _boot_id(args.root)
     with _state_problems(args.state):
-        if not (args.state / journal.FILE_NAME).exists():
+        if not (args.state / journal.DATABASE).exists():
             return None
         return journal.Journal.open(args.state, boot_id)
 

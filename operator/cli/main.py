@@ -105,6 +105,9 @@ def _failed(exc: Exception) -> int:
     from agentlat.operator.core import engine, journal, supervise
     from agentlat.operator.model import errors, host
 
+    if isinstance(exc, supervise.TimedOut):
+        print(f"agentlat: error: {exc}", file=sys.stderr)
+        return common.EXIT_PARTIAL
     if isinstance(exc, journal.JournalLocked):
         print(f"agentlat: error: {exc}", file=sys.stderr)
         return common.EXIT_LOCKED

@@ -100,6 +100,8 @@ def _wait_for_signals(thread: threading.Thread, ctx: context.Context, daemon: no
     stop_at: float | None = None
     while thread.is_alive():
         info = signal.sigtimedwait(watched, 0.5)
+        if info is not None and info.si_signo not in watched:
+            info = None  # a stop/continue interrupted the wait: CPython then returns an uninitialized siginfo
         if info is None:
             if stop_at is not None and time.monotonic() > stop_at and not ctx.is_killed():
                 ctx.kill()

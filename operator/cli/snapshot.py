@@ -18,15 +18,15 @@ def take(source: pathlib.Path, out: pathlib.Path) -> dict[str, int]:
     model = host.read(source, fs)
     out.mkdir(parents=True, exist_ok=True)
     for rel in sorted(fs.links):
-        _link(out / rel, fs.links[rel])
+        _link(out / rel, hostfs.contained_target(rel, fs.links[rel]))
     for rel, names in sorted(fs.dirs.items()):
         (out / rel).mkdir(parents=True, exist_ok=True)
         for name in names:
-            _mirror_entry(source / rel / name, out / rel / name)
+            _mirror_entry(source, f"{rel}/{name}", out)
     for rel in sorted(fs.files):
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(_read_bytes(source / rel))
-    if host.is_live(source):
+        (out / rel).write_bytes(hostfs.read_bytes(source, rel))
+    if hostfs.is_live(source):
         _write_coalesce(fs, model, out)
     manifest = {
         "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -55,19 +55,17 @@ def _link(path: pathlib.Path, target: str) -> None:
     os.symlink(target, path)
 
 
-def _mirror_entry(source: pathlib.Path, dest: pathlib.Path) -> None:
-    """Listed but not read: keep symlinks and directories so listings match; skip unread files."""
+def _mirror_entry(source: pathlib.Path, rel: str, out: pathlib.Path) -> None:
+    """Listed but not read: keep symlinks (never leaving the tree) and directories so listings match;
+    skip unread files. ``rel``'s folder is already resolved, so only its last part may be a link."""
+    dest = out / rel
     if dest.is_symlink() or dest.exists():
         return
-    if source.is_symlink():
-        os.symlink(os.readlink(source), dest)
-    elif source.is_dir():
+    path = source / rel
+    if path.is_symlink():
+        os.symlink(hostfs.contained_target(rel, os.readlink(path)), dest)
+    elif path.is_dir():
         dest.mkdir(parents=True, exist_ok=True)
-
-
-def _read_bytes(path: pathlib.Path) -> bytes:
-    with path.open("rb") as stream:
-        return stream.read()
 
 
 def copy_tree(source: pathlib.Path, dest: pathlib.Path) -> None:

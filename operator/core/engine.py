@@ -18,7 +18,8 @@ import errno
 import pathlib
 from collections.abc import Callable, Collection, Iterable
 
-from agentlat.operator.core import context, journal
+from agentlat.operator.core import context, journal, owner
+from agentlat.operator.core import journal as journal_module
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base, registry
 from agentlat.tuners.kernel import hostfs
@@ -102,10 +103,14 @@ def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, r
           policy: str, generation: int, after_write: WriteHook | None = None, only: Only | None = None) -> Report:
     """Release what the plan no longer wants first (a released io scheduler resets nr_requests, which a
     later action may set again), then apply the plan in order. With ``only``, the applied policy and
-    generation and other boots' originals belong to the full apply and are left alone."""
+    generation and other boots' originals belong to the full apply and are left alone. Refused before any
+    write when another state dir owns the root or the state filesystem cannot journal the pass; a journal
+    write that fails mid-pass (ENOSPC) stops the pass with the report so far."""
     keep = _selector(only)
-    stale = journal.drop_stale_boots() if keep is None else 0
     actions = [action for action in the_plan.actions if keep is None or keep(action.tuner, action.target)]
+    journal.check_space(len(actions))
+    owner.claim(journal, root)
+    stale = journal.drop_stale_boots() if keep is None else 0
     wanted = {(action.tuner, action.target) for action in actions}
     leftovers = {(e.tuner, e.target) for e in journal.entries()
                  if (e.tuner, e.target) not in wanted and (keep is None or keep(e.tuner, e.target))}
@@ -121,6 +126,9 @@ def apply(the_plan: plan.Plan, ctx: context.Context, journal: journal.Journal, r
             result, wrote = _apply_one(action, child, journal, root, policy, generation)
         except context.Killed:
             return Report(tuple(results), writes, True, True, len(actions) - index, stale)
+        except _JournalWriteFailed as failed:
+            results.append(failed.result)
+            return Report(tuple(results), writes + failed.wrote, True, False, len(actions) - index - 1, stale)
         results.append(result)
         if wrote:
             writes += 1
@@ -149,7 +157,11 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
         raise
     except (OSError, base.Unsupported) as exc:
         return _failure(action.tuner, action.target, exc, None), False
-    journal.record_original(action.tuner, action.target, original, action.desired, policy, generation)
+    try:
+        journal.record_original(action.tuner, action.target, original, action.desired, policy, generation)
+    except journal_module.JournalError as exc:
+        raise _JournalWriteFailed(Result(action.tuner, action.target, "Failed", f"not written: {exc.problems[0]}",
+                                         None, original), False) from None
     if tuner.same(action.target, original, action.desired):
         return _record(journal, Result(action.tuner, action.target, "Unchanged", "", None, original, original)), False
     try:
@@ -198,7 +210,10 @@ def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: jou
 
 def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *,
            only: Only | None = None, drop_stale: bool = True) -> Report:
-    """Write journaled originals back, newest first; forget each target once it holds its original."""
+    """Write journaled originals back, newest first; forget each target once it holds its original. One
+    original that cannot be written back (or no longer parses) is reported and the rest go on."""
+    if only is None:
+        journal.release_reserve()  # room for the forgets even on a full state filesystem
     stale = journal.drop_stale_boots() if drop_stale else 0
     keep = _selector(only)
     entries = [e for e in reversed(journal.entries()) if keep is None or keep(e.tuner, e.target)]
@@ -207,17 +222,44 @@ def revert(ctx: context.Context, journal: journal.Journal, root: pathlib.Path, *
     for index, entry in enumerate(entries):
         if ctx.is_stopped():
             return Report(tuple(results), writes, True, ctx.is_killed(), len(entries) - index, stale)
-        result, wrote = _revert_one(entry, ctx, journal, root)
+        try:
+            result, wrote = _revert_one(entry, ctx, journal, root)
+        except _JournalWriteFailed as failed:
+            results.append(failed.result)
+            return Report(tuple(results), writes + failed.wrote, True, False, len(entries) - index - 1, stale)
         results.append(result)
         writes += wrote
     if keep is None:
         for key in ("policy", "generation"):
             journal.set_meta(key, "")
+        owner.release(journal, root)
     return Report(tuple(results), writes, False, False, 0, stale)
 
 
 def _revert_one(entry: journal.Entry, ctx: context.Context, journal: journal.Journal,
                 root: pathlib.Path) -> tuple[Result, bool]:
+    try:
+        return _revert_entry(entry, ctx, journal, root)
+    except journal_module.JournalError as exc:
+        raise _JournalWriteFailed(Result(entry.tuner, entry.target, "Failed", f"journal: {exc.problems[0]}", None,
+                                         entry.original), True) from None
+    except (ValueError, KeyError) as exc:  # an original that no longer parses: report it, revert the rest
+        return _failure(entry.tuner, entry.target, base.Unsupported(f"journaled original {entry.original!r} "
+                                                                     f"cannot be written back: {exc}"),
+                        entry.original), False
+
+
+class _JournalWriteFailed(Exception):
+    """The journal refused a write mid-pass (ENOSPC, read-only): the pass stops with this result."""
+
+    def __init__(self, result: Result, wrote: bool) -> None:
+        super().__init__(result.detail)
+        self.result = result
+        self.wrote = wrote
+
+
+def _revert_entry(entry: journal.Entry, ctx: context.Context, journal: journal.Journal,
+                  root: pathlib.Path) -> tuple[Result, bool]:
     tuner = registry.by_name(entry.tuner)
     if entry.original is None:
         journal.forget(entry.tuner, entry.target)
@@ -293,5 +335,10 @@ def _failure(tuner: str, target: str, exc: OSError | base.Unsupported, before: s
 
 
 def _record(log: journal.Journal, result: Result) -> Result:
-    log.record_outcome(result.tuner, result.target, result.outcome, result.detail)
+    try:
+        log.record_outcome(result.tuner, result.target, result.outcome, result.detail)
+    except journal_module.JournalError as exc:  # the value is written and its original journaled: report both
+        raise _JournalWriteFailed(dataclasses.replace(result, detail=f"{result.detail} (outcome not journaled: "
+                                                                     f"{exc.problems[0]})".strip()),
+                                  result.outcome == "Applied") from None
     return result

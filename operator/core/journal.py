@@ -4,6 +4,14 @@ Every method commits (WAL, synchronous=FULL: fsynced) before it returns, so the 
 host as soon as `record_original` returns and a SIGKILL or power cut right after loses nothing.
 Originals belong to a boot: after a reboot the kernel has reset the values and IRQ numbers may differ,
 so an original recorded under another boot id is never written back (see `drop_stale_boots`).
+
+The journal cannot lose an original silently. Beside it, ``originals.log`` is an append-only, fsynced
+copy: an original is appended after sqlite has it and before the host is written; a forget is appended
+before sqlite drops the row. So at every instant the log's originals are a subset of the journal's, and
+``open`` (after sqlite's ``quick_check`` and a schema check) refuses a journal that lacks one: emptied,
+truncated, a deleted ``-wal``, or an old copy put back. ``Journal.recover`` (``agentlat revert
+--from-backup``) moves the damaged journal aside and rebuilds it from the log. A ``reserve`` file keeps
+room for a revert when the state filesystem fills up.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import json
 import os
 import pathlib
 import sqlite3
@@ -21,8 +30,9 @@ from typing import Any, Final
 
 from agentlat.operator.model import plan
 
+from agentlat.operator.model import errors
+
 DEFAULT_STATE_DIR = pathlib.Path("/var/lib/agentlat")
-FILE_NAME = "journal.sqlite3"
 RECORDED: Final = plan.OUTCOMES - {"Reverted"}  # what an apply records; revert forgets the row
 
 _SCHEMA = """
@@ -47,8 +57,27 @@ _COLUMNS = (
 )
 
 
+BACKUP = "originals.log"
+DATABASE = "journal.sqlite3"
+RESERVE = "reserve"
+RESERVE_BYTES = 1 << 20
+SPACE_PER_ACTION = 16 << 10  # sqlite pages, WAL frames and a log line per journaled target, generously
+_COLUMN_SET = frozenset(name.strip() for name in _COLUMNS.split(","))
+
+
 class JournalLocked(Exception):
     """Another process (or another `Journal.lock()` in this one) holds the state dir."""
+
+
+class RootOwned(JournalLocked):
+    """Another state dir already journals this root: two journals would interleave originals."""
+
+
+class JournalError(errors.InputError):
+    """The state dir cannot be used as it is (damaged, read-only, full); the message says how to go on."""
+
+    def __init__(self, state_dir: pathlib.Path, message: str) -> None:
+        super().__init__(str(state_dir), [errors.Problem("", message)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,29 +109,58 @@ class Journal:
     def open(
         cls, state_dir: pathlib.Path, boot_id: str, *, clock: Callable[[], float] = time.time
     ) -> Journal:
-        if not state_dir.is_dir():
-            state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            state_dir.chmod(0o700)  # whatever the umask
-            _fsync_dir(state_dir.parent)
-        # Two openers at once (agents or applies starting together) would both upgrade their sqlite locks to
-        # create the database, and sqlite answers one "database is locked" without waiting: take turns.
-        dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        """Open (creating if needed) and check the journal; JournalError when it is damaged or unusable."""
         try:
-            fcntl.flock(dir_fd, fcntl.LOCK_EX)
-            # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
-            conn = sqlite3.connect(state_dir / FILE_NAME, isolation_level=None, check_same_thread=False)
+            if not state_dir.is_dir():
+                state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                state_dir.chmod(0o700)  # whatever the umask
+                _fsync_dir(state_dir.parent)
+            conn = _connect_in_turn(state_dir)
+        except sqlite3.Error as exc:
+            raise _damaged(state_dir, str(exc)) from None
+        except OSError as exc:
+            raise JournalError(state_dir, f"cannot open the journal: {exc.strerror or exc}") from None
+        opened = cls(conn, state_dir, boot_id, clock)
+        try:
+            opened._check_against_backup()
+            _keep_reserve(state_dir)
+        except BaseException:
+            conn.close()
+            raise
+        return opened
+
+    @classmethod
+    def recover(cls, state_dir: pathlib.Path, *, clock: Callable[[], float] = time.time) -> int:
+        """Move a damaged journal aside (``journal.sqlite3.damaged-TIME``) and rebuild it from the backup
+        log; returns how many originals were restored. The rebuilt journal reverts like the lost one."""
+        lock_fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
             try:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.executescript(_SCHEMA)
-            except BaseException:
-                conn.close()
-                raise
-            # sqlite fsyncs the directory for the WAL it creates, not for the database file itself.
-            os.fsync(dir_fd)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise JournalLocked(_holder_message(lock_fd, state_dir / "lock")) from None
+            return cls._rebuild(state_dir, clock)
         finally:
-            os.close(dir_fd)
-        return cls(conn, state_dir, boot_id, clock)
+            os.close(lock_fd)
+
+    @classmethod
+    def _rebuild(cls, state_dir: pathlib.Path, clock: Callable[[], float]) -> int:
+        kept, _ = replay(state_dir / BACKUP)
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            path = state_dir / (DATABASE + suffix)
+            if path.exists():
+                path.rename(state_dir / f"{DATABASE}.damaged-{stamp}{suffix}")
+        conn = _connect(state_dir)
+        now = clock()
+        rows = [(tuner, target, boot, original, original or "", "recovered", 0, "Applied", f"from {BACKUP}", now, now)
+                for (tuner, target, boot), original in kept.items()]
+        conn.executemany("INSERT OR IGNORE INTO originals (tuner, target, boot_id, original, desired, policy,"
+                         " generation, outcome, detail, recorded_at, updated_at)"
+                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        conn.close()
+        _fsync_dir(state_dir)
+        return len(rows)
 
     def close(self) -> None:
         with self._lock:
@@ -128,12 +186,14 @@ class Journal:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise JournalLocked(_holder_message(fd, path)) from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            with contextlib.suppress(OSError):  # the holder's pid is for messages only; a full disk may refuse it
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
                 yield
             finally:
-                os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 
@@ -142,6 +202,8 @@ class Journal:
     ) -> None:
         """Record what `target` held before this boot's first write; later calls keep that original."""
         now = self._clock()
+        known = self._query("SELECT 1 FROM originals WHERE tuner = ? AND target = ? AND boot_id = ?",
+                            (tuner, target, self.boot_id))
         self._execute(
             "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation,"
             " recorded_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -149,6 +211,8 @@ class Journal:
             " policy = excluded.policy, generation = excluded.generation, updated_at = excluded.updated_at",
             (tuner, target, self.boot_id, original, desired, policy, generation, now, now),
         )
+        if not known:
+            self._append({"op": "add", "tuner": tuner, "target": target, "boot": self.boot_id, "original": original})
 
     def record_outcome(self, tuner: str, target: str, outcome: plan.Outcome, detail: str) -> None:
         if outcome not in RECORDED:
@@ -216,6 +280,7 @@ class Journal:
 
     def forget(self, tuner: str, target: str) -> None:
         """Drop the entry once its original has been written back."""
+        self._append({"op": "forget", "tuner": tuner, "target": target, "boot": self.boot_id})
         self._execute(
             "DELETE FROM originals WHERE tuner = ? AND target = ? AND boot_id = ?",
             (tuner, target, self.boot_id),
@@ -226,6 +291,8 @@ class Journal:
 
     def drop_stale_boots(self) -> int:
         """Drop originals recorded under another boot; returns how many."""
+        if self.stale_boot_entries():
+            self._append({"op": "keep-boot", "boot": self.boot_id})
         return self._execute("DELETE FROM originals WHERE boot_id != ?", (self.boot_id,))
 
     def set_meta(self, key: str, value: str) -> None:
@@ -245,12 +312,162 @@ class Journal:
 
     def _execute(self, sql: str, params: tuple[Any, ...]) -> int:
         """Run (and, autocommit, durably commit) one write; returns the number of rows changed."""
-        with self._lock:
+        with self._lock, self._sqlite_errors("write"):
             return self._conn.execute(sql, params).rowcount
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
-        with self._lock:
+        with self._lock, self._sqlite_errors("read"):
             return self._conn.execute(sql, params).fetchall()
+
+    @contextlib.contextmanager
+    def _sqlite_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise JournalError(self.state_dir, f"cannot {what} the journal: {exc}") from None
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """One fsynced line of the backup log; the caller orders it around the sqlite write."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        try:
+            fd = os.open(self.state_dir / BACKUP, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise JournalError(self.state_dir, f"cannot write {BACKUP}: {exc.strerror or exc}") from None
+
+    def _check_against_backup(self) -> None:
+        """Every original the backup log holds must be in the journal (see the module docstring)."""
+        kept, lines = replay(self.state_dir / BACKUP)
+        present = {(e.tuner, e.target, e.boot_id) for e in self._select("", ())}
+        lost = [key for key in kept if key not in present]
+        if lost:
+            raise JournalError(self.state_dir, f"the journal lacks {len(lost)} of the {len(kept)} originals its backup "
+                                               f"({BACKUP}) holds (emptied, truncated, a deleted -wal, or an old "
+                                               f"copy): `agentlat revert --from-backup --state {self.state_dir}` "
+                                               "restores them")
+        if lines > len(present) * 4 + 64 or (present and not lines):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the log as the journal's current originals (atomically: write, fsync, rename)."""
+        entries = self._select("", ())
+        tmp = self.state_dir / (BACKUP + ".tmp")
+        with open(tmp, "wb") as stream:
+            for e in entries:
+                record = {"op": "add", "tuner": e.tuner, "target": e.target, "boot": e.boot_id, "original": e.original}
+                stream.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, self.state_dir / BACKUP)
+        _fsync_dir(self.state_dir)
+
+    def check_space(self, actions: int) -> None:
+        """Refuse a pass the state filesystem cannot journal (the reserve is not counted: it is revert's)."""
+        need = RESERVE_BYTES + actions * SPACE_PER_ACTION
+        try:
+            info = os.statvfs(self.state_dir)
+        except OSError:
+            return
+        free = info.f_bavail * info.f_frsize
+        if free < need:
+            raise JournalError(self.state_dir, f"only {free // 1024} KiB free, {need // 1024} KiB needed to "
+                                               f"journal {actions} actions: nothing was written (free some space)")
+
+    def release_reserve(self) -> None:
+        """Free the reserve so a revert can journal its forgets on a full filesystem."""
+        with contextlib.suppress(OSError):
+            (self.state_dir / RESERVE).unlink()
+
+
+def _connect_in_turn(state_dir: pathlib.Path) -> sqlite3.Connection:
+    """Two openers at once (agents or applies starting together) would both upgrade their sqlite locks to
+    create the database, and sqlite answers one "database is locked" without waiting: take turns."""
+    dir_fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        conn = _connect(state_dir)
+        # sqlite fsyncs the directory for the WAL it creates, not for the database file itself.
+        os.fsync(dir_fd)
+        return conn
+    finally:
+        os.close(dir_fd)
+
+
+def _connect(state_dir: pathlib.Path) -> sqlite3.Connection:
+    # Autocommit: each statement is its own transaction, committed (and fsynced) on return.
+    conn = sqlite3.connect(state_dir / DATABASE, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        check = conn.execute("PRAGMA quick_check").fetchall()
+        if check != [("ok",)]:
+            raise sqlite3.DatabaseError("; ".join(str(row[0]) for row in check[:3]))
+        conn.executescript(_SCHEMA)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(originals)")}
+        if columns != _COLUMN_SET:
+            raise sqlite3.DatabaseError(f"unexpected originals columns {sorted(columns)}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _damaged(state_dir: pathlib.Path, reason: str) -> JournalError:
+    if any(word in reason for word in ("readonly", "unable to open", "disk is full", "locked")):
+        return JournalError(state_dir, f"cannot use the journal: {reason}")
+    return JournalError(state_dir, f"the journal is damaged ({reason}): `agentlat revert --from-backup --state "
+                                   f"{state_dir}` moves it aside and restores the originals from {BACKUP}")
+
+
+def replay(path: pathlib.Path) -> tuple[dict[tuple[str, str, str], str | None], int]:
+    """The originals the backup log still holds, by (tuner, target, boot id), and its line count. A torn
+    last line (a crash mid-append) is ignored: its sqlite write had already happened or never will."""
+    kept: dict[tuple[str, str, str], str | None] = {}
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return kept, 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        _apply_record(kept, record)
+    return kept, len(lines)
+
+
+def _apply_record(kept: dict[tuple[str, str, str], str | None], record: dict[str, Any]) -> None:
+    op = record.get("op")
+    key = (str(record.get("tuner")), str(record.get("target")), str(record.get("boot")))
+    if op == "add":
+        kept.setdefault(key, record.get("original"))
+    elif op == "forget":
+        kept.pop(key, None)
+    elif op == "keep-boot":
+        for stale in [k for k in kept if k[2] != str(record.get("boot"))]:
+            del kept[stale]
+
+
+def _keep_reserve(state_dir: pathlib.Path) -> None:
+    """Best effort: (re)create the reserve when there is room for it."""
+    path = state_dir / RESERVE
+    if path.exists():
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError:
+            os.close(fd)
+            path.unlink()
+            return
+        os.close(fd)
 
 
 def _holder_message(fd: int, path: pathlib.Path) -> str:

@@ -6,10 +6,12 @@ never holds the Context's lock when it calls stop() or kill().
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from agentlat.operator.core import context
@@ -20,6 +22,35 @@ KILL_GRACE_S = 5.0
 
 class Interrupted(Exception):
     """The user stopped the run; the work finished its current write and the journal is consistent."""
+
+
+class TimedOut(Exception):
+    """--timeout ran out before the first write (reading the policy or the host, planning)."""
+
+
+@contextlib.contextmanager
+def deadline(timeout: float | None, phase: str) -> Iterator[Callable[[], float | None]]:
+    """Bound the phases before the engine runs by ``timeout`` (a SIGALRM raising TimedOut in the main
+    thread); yields what is left of it, for :func:`run`."""
+    start = time.monotonic()
+
+    def remaining() -> float | None:
+        return None if not timeout else max(0.001, timeout - (time.monotonic() - start))
+
+    if not timeout or threading.current_thread() is not threading.main_thread():
+        yield remaining
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimedOut(f"--timeout {timeout:g}s reached while {phase}; nothing was written")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        yield remaining
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def run(ctx: context.Context, work: Callable[[], T], timeout: float | None = None,

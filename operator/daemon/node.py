@@ -104,7 +104,7 @@ class NodeDaemon:
                                         name=f"agentlat-worker-{n}", daemon=True) for n in range(self._queue.workers)]
             for worker in workers:
                 worker.start()
-            if host.is_live(self.root):
+            if hostfs.is_live(self.root):
                 self._procs.start()
             try:
                 if started is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import os
 import pathlib
 import re
 from collections.abc import Iterable, Mapping
@@ -123,8 +122,8 @@ class Host:
         return self.numa_nodes.get(node, frozenset())
 
 
-class HostError(Exception):
-    """The root does not look like a Linux host tree (wrong --root, missing /proc)."""
+# The root does not look like a Linux host tree (wrong --root, missing /proc, a file over the read cap).
+HostError = hostfs.HostTreeError
 
 
 def read_for(chosen: policy.Policy, root: pathlib.Path, fs: hostfs.HostFS | None = None, *,
@@ -137,14 +136,16 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *, selection: work
          wanted: Iterable[policy.Workload] = (), threads: bool | frozenset[int] = False) -> Host:
     """Everything planning needs, read now: devices, IRQs, CPUs, the processes of the ``wanted``
     workloads (a policy's ``workloads``) and, for CPU isolation, every thread (or those of a set of PIDs)."""
+    hostfs.check_live(root)
     fs = fs or hostfs.HostFS(root)
     interrupts = fs.read("proc/interrupts")
     online_text = fs.read("sys/devices/system/cpu/online")
     if interrupts is None or online_text is None:
         raise HostError(f"{root} has no proc/interrupts or sys/devices/system/cpu/online: "
                         "not a Linux host tree (is --root right?)")
-    online = cpulist.parse(online_text)
-    possible = cpulist.parse(fs.read("sys/devices/system/cpu/possible") or online_text) | online
+    online = _cpus(fs, "sys/devices/system/cpu/online", online_text)
+    possible = _cpus(fs, "sys/devices/system/cpu/possible", fs.read("sys/devices/system/cpu/possible") or online_text)
+    possible |= online
     pci = _read_pci(fs)
     netdevs = _read_netdevs(fs, pci)
     blockdevs = _read_blockdevs(fs, pci)
@@ -157,7 +158,7 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *, selection: work
         possible=possible,
         numa_nodes=_read_numa(fs, online),
         irqs=_read_irqs(fs, interrupts, pci, served),
-        default_affinity=fs.read("proc/irq/default_smp_affinity"),
+        default_affinity=_checked_mask(fs, "proc/irq/default_smp_affinity"),
         pci=pci,
         netdevs=netdevs,
         blockdevs=blockdevs,
@@ -205,7 +206,7 @@ def _read_irqbalance(fs: hostfs.HostFS) -> tuple[irqbalance.Found, ...]:
         try:
             if original is not None:
                 banned = cpulist.parse(original.strip())
-            elif is_live(fs.root):
+            elif hostfs.is_live(fs.root):
                 banned = irqbalance.setup(instance.socket).banned
             else:
                 banned = _recorded_ban(fs, instance.pid)
@@ -227,7 +228,8 @@ def _read_numa(fs: hostfs.HostFS, online: cpulist.CpuSet) -> dict[int, cpulist.C
     nodes: dict[int, cpulist.CpuSet] = {}
     for name in fs.listdir("sys/devices/system/node"):
         if name.startswith("node") and name[4:].isdigit():
-            nodes[int(name[4:])] = cpulist.parse(fs.read(f"sys/devices/system/node/{name}/cpulist") or "")
+            rel = f"sys/devices/system/node/{name}/cpulist"
+            nodes[int(name[4:])] = _cpus(fs, rel, fs.read(rel) or "")
     return nodes or {0: online}
 
 
@@ -288,12 +290,6 @@ def _queue_masks(fs: hostfs.HostFS, base: str, queues: Iterable[str], file: str)
     return {queue: mask for queue, mask in masks.items() if mask is not None}
 
 
-def is_live(root: pathlib.Path) -> bool:
-    """Whether ``root`` is this machine's own root: only then may anything go to the kernel directly
-    (netlink). Any other root is a tree of files, and never touches real devices."""
-    return os.path.realpath(root) == "/"
-
-
 def coalesce_target(ifname: str, param: str) -> str:
     return f"{COALESCE_TARGET}/{ifname}/{param}"
 
@@ -317,7 +313,7 @@ def parse_coalesce_file(text: str | None) -> tuple[dict[str, int] | None, str | 
 
 
 def _read_coalesce(fs: hostfs.HostFS, name: str) -> tuple[dict[str, int] | None, str | None]:
-    if is_live(fs.root):
+    if hostfs.is_live(fs.root):
         try:
             params: dict[str, int] | None = ethtool.get_coalesce(name)
             error = None
@@ -386,6 +382,8 @@ def _read_irqs(fs: hostfs.HostFS, interrupts: str, pci: Mapping[str, PciDevice],
     legacy = {device.legacy_irq: device for device in pci.values() if device.legacy_irq and not device.msi_irqs}
     lines = interrupts.splitlines()
     columns = len(lines[0].split()) if lines else 0
+    if columns > cpulist.MAX_CPUS:
+        raise HostError(f"{fs.root}/proc/interrupts has {columns} CPU columns, more than {cpulist.MAX_CPUS}")
     irqs: dict[int, Irq] = {}
     for line in lines[1:]:
         label, _, rest = line.partition(":")
@@ -423,9 +421,9 @@ def _read_irq(fs: hostfs.HostFS, number: int, chip: str, hwirq: str, actions: tu
         actions=actions,
         chip=chip,
         hwirq=hwirq,
-        affinity=cpulist.parse(affinity_text) if affinity_text is not None else None,
+        affinity=_cpus(fs, f"{base}/smp_affinity_list", affinity_text) if affinity_text is not None else None,
         affinity_text=affinity_text,
-        effective=cpulist.parse(effective_text) if effective_text else None,
+        effective=_cpus(fs, f"{base}/effective_affinity_list", effective_text) if effective_text else None,
         node=_node(node) if node is not None and node >= 0 else (device.numa_node if device else -1),
         pci=device.address if device else None,
         msi=device.msi_irqs.get(number) if device else None,
@@ -444,6 +442,24 @@ def _movability(fs: hostfs.HostFS, base: str, chip: str, affinity: str | None) -
     if not fs.writable(f"{base}/smp_affinity_list"):
         return False, "kernel-managed affinity (smp_affinity is read-only)"
     return True, None
+
+
+def _cpus(fs: hostfs.HostFS, rel: str, text: str) -> cpulist.CpuSet:
+    """A CPU list from a host file; a file that is not one is a bad host tree, named."""
+    try:
+        return cpulist.parse(text)
+    except cpulist.CpuListError as exc:
+        raise HostError(f"{fs.root / rel}: {exc}") from None
+
+
+def _checked_mask(fs: hostfs.HostFS, rel: str) -> str | None:
+    text = fs.read(rel)
+    if text is not None:
+        try:
+            cpulist.parse_mask(text)
+        except cpulist.CpuListError as exc:
+            raise HostError(f"{fs.root / rel}: {exc}") from None
+    return text
 
 
 def _node(value: int | None) -> int:

@@ -20,9 +20,13 @@ def exclusive_cpus(fs: hostfs.HostFS) -> dict[str, dict[str, cpulist.CpuSet]] | 
         state = json.loads(text)
     except ValueError:
         return None
-    entries = state.get("entries") or {}
-    return {pod: {name: cpulist.parse(cpus) for name, cpus in containers.items()}
-            for pod, containers in entries.items() if isinstance(containers, dict)}
+    entries = state.get("entries") if isinstance(state, dict) else None
+    try:
+        return {str(pod): {str(name): cpulist.parse(str(cpus)) for name, cpus in containers.items()}
+                for pod, containers in (entries if isinstance(entries, dict) else {}).items()
+                if isinstance(containers, dict)}
+    except cpulist.CpuListError as exc:
+        raise hostfs.HostTreeError(f"{fs.root / STATE}: {exc}") from None
 
 
 def pod_cpus(entries: Mapping[str, Mapping[str, cpulist.CpuSet]] | None,

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import pathlib
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import yaml
 
-from agentlat.operator.model import errors, schema
+from agentlat.operator.model import errors, patterns, schema
 from agentlat.tuners.kernel import cpulist
 
 API_VERSION = "agentlat.io/v1alpha1"
@@ -130,15 +132,39 @@ def load_file(path: pathlib.Path) -> list[Policy]:
     """Every policy in a YAML file (several documents allowed); raises InputError on any problem."""
     source = str(path)
     try:
-        text = path.read_text()
+        data = _read_bounded(path, source)
     except OSError as exc:
         raise errors.single(source, "", f"cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.single(source, "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}): "
+                                        "a policy is a YAML file") from None
     return load_text(text, source)
+
+
+def _read_bounded(path: pathlib.Path, source: str) -> bytes:
+    """A regular file of at most MAX_POLICY_BYTES; a FIFO, a device (a link to /dev/zero) or a directory
+    is refused without reading (O_NONBLOCK: opening a FIFO does not wait for a writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise errors.single(source, "", "not a regular file (a FIFO, device or directory): give a policy file")
+        data = os.read(fd, MAX_POLICY_BYTES + 1)
+        while len(data) <= MAX_POLICY_BYTES:
+            chunk = os.read(fd, MAX_POLICY_BYTES + 1 - len(data))
+            if not chunk:
+                return data
+            data += chunk
+        raise errors.single(source, "", f"larger than {MAX_POLICY_BYTES} bytes: not a policy (the API server "
+                                        "stores objects of at most 1.5 MiB)")
+    finally:
+        os.close(fd)
 
 
 def load_text(text: str, source: str = "<policy>") -> list[Policy]:
     try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        documents = [doc for doc in yaml.load_all(text, Loader=_BoundedLoader) if doc is not None]
     except yaml.YAMLError as exc:
         raise errors.single(source, "", f"not valid YAML: {_yaml_reason(exc)}") from None
     if not documents:
@@ -185,14 +211,17 @@ def _load_document(document: Any) -> tuple[list[errors.Problem], Policy | None]:
 
 def _envelope_problems(document: dict[str, Any]) -> list[errors.Problem]:
     problems = []
-    if document.get("apiVersion") != API_VERSION:
-        problems.append(errors.Problem("apiVersion", f"{document.get('apiVersion')!r} is not {API_VERSION}"))
-    if document.get("kind") != KIND:
-        problems.append(errors.Problem("kind", f"{document.get('kind')!r} is not {KIND}"))
+    for field, expected in (("apiVersion", API_VERSION), ("kind", KIND)):
+        value = document.get(field)
+        if value != expected:
+            found = f"missing (expected {expected})" if value is None else f"{_short(value)} is not {expected}"
+            problems.append(errors.Problem(field, found))
     metadata = document.get("metadata")
     name = metadata.get("name") if isinstance(metadata, dict) else None
-    if not isinstance(name, str) or not _NAME.match(name) or len(name) > 253:
-        problems.append(errors.Problem("metadata.name", f"{name!r} is not a DNS subdomain name"))
+    if name is None:
+        problems.append(errors.Problem("metadata.name", "missing (a DNS subdomain name)"))
+    elif not isinstance(name, str) or len(name) > 253 or not _NAME.match(name):
+        problems.append(errors.Problem("metadata.name", f"{_short(name)} is not a DNS subdomain name"))
     unknown = sorted(set(document) - {"apiVersion", "kind", "metadata", "spec", "status"})
     problems += [errors.Problem(field, "unknown field") for field in unknown]
     return problems
@@ -212,10 +241,9 @@ def _semantic_problems(spec: dict[str, Any]) -> list[errors.Problem]:
             pattern = workload.get("processSelector", {}).get(field)
             if pattern is not None:
                 try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    where = f"spec.workloads[{index}].processSelector.{field}"
-                    problems.append(errors.Problem(where, f"{pattern!r} is not a valid regex: {exc}"))
+                    patterns.regex(pattern)
+                except patterns.PatternError as exc:
+                    problems.append(errors.Problem(f"spec.workloads[{index}].processSelector.{field}", str(exc)))
     return problems
 
 
@@ -319,7 +347,69 @@ def _repeated(names: list[str]) -> list[str]:
     return sorted({name for name in names if names.count(name) > 1})
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _yaml_reason(exc: yaml.YAMLError) -> str:
+    """Where the problem starts: an unclosed quote is reported at its opening line (the context),
+    not at the end of the file where the scanner gave up."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None and (mark is None or start.line != mark.line):
+        end = f" (at line {mark.line + 1})" if mark else ""
+        return f"{context} at line {start.line + 1}, column {start.column + 1}: {problem}{end}"
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else str(problem)
+
+
+MAX_POLICY_BYTES = 2 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 100_000  # counted with aliases expanded: a "billion laughs" stops here
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader with a depth limit, a limit on nodes counted with aliases expanded (an alias bomb is
+    small as text and huge as data), and duplicate keys refused, as kubectl refuses them."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                                  self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            node = super().compose_node(parent, index)  # type: ignore[arg-type]
+        finally:
+            self._depth -= 1
+        if node is not None and self._size(node) > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES} values with aliases "
+                                              "expanded (an alias bomb?)", node.start_mark)
+        return node
+
+    def _size(self, node: yaml.Node) -> int:
+        known = self._sizes.get(id(node))
+        if known is not None:
+            return known
+        size = 1
+        if isinstance(node, yaml.SequenceNode):
+            size += sum(self._sizes.get(id(child), 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size += sum(self._sizes.get(id(k), 1) + self._sizes.get(id(v), 1) for k, v in node.value)
+        self._sizes[id(node)] = size
+        return size
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, int] = {}
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key.value!r} (first at line {seen[key.value]})", key.start_mark)
+                seen[key.value] = key.start_mark.line + 1
+        return super().construct_mapping(node, deep)

@@ -33,13 +33,13 @@ live root, a file-backed fake on fixture trees).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 
-from agentlat.operator.model import policy
+from agentlat.operator.model import patterns, policy
 from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
 PF_KTHREAD = 0x00200000
@@ -163,6 +163,10 @@ def task_key(pid: int, tid: int, start: int, attr: str) -> str:
     return f"task/{pid}/{tid}@{start}/{attr}"
 
 
+# CPU seconds one process selector may spend matching in one pass (matching is linear: this only bounds
+# a host with very many or very long command lines).
+SCAN_CPU_BUDGET_S = float(os.environ.get("AGENTLAT_SCAN_BUDGET_S", "5"))
+
 _KEY = re.compile(r"^task/(\d+)/(\d+)@(\d+)/([a-z]+)$")
 
 
@@ -232,7 +236,7 @@ class Discovery:
         """``cgroups``: a cache to share across reads (the daemon's per-process reactions: new processes
         mostly join cgroups already read)."""
         self.fs = fs
-        self.live = taskattrs.is_live(fs.root)
+        self.live = hostfs.is_live(fs.root)
         self.backend = backend or taskattrs.backend_for(fs.root)
         self._lock = threading.RLock()
         self._found: dict[tuple[str, tuple[str, ...] | None], Found] = {}
@@ -265,8 +269,12 @@ class Discovery:
             found = tuple(p for uid in sorted(pods) for p in self._pod_processes(uid) if _selected(p, selector))
             what = f"pods {', '.join(sorted(pods))}"
         else:
-            found = tuple(self._scan(selector or policy.ProcessSelector()))
+            budget = _Budget(SCAN_CPU_BUDGET_S)
+            found = tuple(self._scan(selector or policy.ProcessSelector(), budget))
             what = f"processSelector {_describe(selector)}"
+            if budget.exceeded:
+                return Found(workload.name, (), f"{what} used up its CPU budget ({SCAN_CPU_BUDGET_S:g} s) "
+                                                "for this pass; nothing of it is tuned")
         if not found:
             return Found(workload.name, (), f"no running process matches {what}")
         return Found(workload.name, found)
@@ -311,19 +319,21 @@ class Discovery:
         args = self._cmdline(pid)
         if stat is None or args is None:
             return False
-        if selector.comm is not None and not re.search(selector.comm, stat.comm):
+        if selector.comm is not None and not patterns.search(selector.comm, stat.comm):
             return False
-        if selector.cmdline is not None and not re.search(selector.cmdline, args):
+        if selector.cmdline is not None and not patterns.search(selector.cmdline, args):
             return False
-        return selector.cgroup is None or any(fnmatch.fnmatchcase(p, selector.cgroup)
+        return selector.cgroup is None or any(patterns.glob_match(p, selector.cgroup)
                                               for _, p in self._cgroup_paths(pid))
 
-    def _scan(self, selector: policy.ProcessSelector) -> Iterator[Process]:
+    def _scan(self, selector: policy.ProcessSelector, budget: _Budget) -> Iterator[Process]:
         if selector.comm is None and selector.cmdline is None and selector.cgroup is None:
             return
-        comm = re.compile(selector.comm) if selector.comm is not None else None
-        cmdline = re.compile(selector.cmdline) if selector.cmdline is not None else None
+        comm = patterns.regex(selector.comm) if selector.comm is not None else None
+        cmdline = patterns.regex(selector.cmdline) if selector.cmdline is not None else None
         for pid in sorted(int(name) for name in self.fs.listdir("proc") if name.isdigit()):
+            if budget.spent():
+                return
             if self.live and pid == os.getpid():
                 continue
             stat = self._stat(f"proc/{pid}/stat")
@@ -335,7 +345,7 @@ class Discovery:
             if args is None or (cmdline is not None and not cmdline.search(args)):
                 continue
             paths = self._cgroup_paths(pid)
-            if selector.cgroup is not None and not any(fnmatch.fnmatchcase(p, selector.cgroup) for _, p in paths):
+            if selector.cgroup is not None and not any(patterns.glob_match(p, selector.cgroup) for _, p in paths):
                 continue
             process = self._process(pid, stat, args, self._cgroups_of(paths), None)
             if process is not None:
@@ -490,7 +500,7 @@ def _hierarchies(fs: hostfs.HostFS) -> list[Hierarchy]:
 
 
 def _exists(fs: hostfs.HostFS, rel: str) -> bool:
-    return (fs.root / fs.resolve(rel)).exists()
+    return hostfs.exists(fs.root, fs.resolve(rel))
 
 
 def _preferred(hierarchies: list[Hierarchy]) -> list[Hierarchy]:
@@ -504,11 +514,23 @@ def _preferred(hierarchies: list[Hierarchy]) -> list[Hierarchy]:
 def _selected(process: Process, selector: policy.ProcessSelector | None) -> bool:
     if selector is None:
         return True
-    if selector.comm is not None and not re.search(selector.comm, process.comm):
+    if selector.comm is not None and not patterns.search(selector.comm, process.comm):
         return False
-    if selector.cmdline is not None and not re.search(selector.cmdline, process.cmdline):
+    if selector.cmdline is not None and not patterns.search(selector.cmdline, process.cmdline):
         return False
-    return selector.cgroup is None or any(fnmatch.fnmatchcase(g.path, selector.cgroup) for g in process.cgroups)
+    return selector.cgroup is None or any(patterns.glob_match(g.path, selector.cgroup) for g in process.cgroups)
+
+
+class _Budget:
+    """CPU seconds (this thread's) one selector may spend in a pass, so no selector stalls a reconcile."""
+
+    def __init__(self, seconds: float) -> None:
+        self.limit = time.thread_time() + seconds
+        self.exceeded = False
+
+    def spent(self) -> bool:
+        self.exceeded = self.exceeded or time.thread_time() > self.limit
+        return self.exceeded
 
 
 def _describe(selector: policy.ProcessSelector | None) -> str:

@@ -253,9 +253,9 @@ def test_fixture_roots_get_the_fake_backend(node: pathlib.Path) -> None:
     import os
 
     (node / "proc/self").symlink_to(str(os.getpid()))
-    assert not taskattrs.is_live(node)
+    assert not hostfs.is_live(node)
     assert isinstance(taskattrs.backend_for(node), taskattrs.FakeBackend)
-    assert taskattrs.is_live(pathlib.Path("/")) == pathlib.Path("/proc/self").exists()
+    assert hostfs.is_live(pathlib.Path("/")) == pathlib.Path("/proc/self").exists()
 
 
 def test_hybrid_pod_dirs_without_processes_in_the_unified_tree(tmp_path: pathlib.Path) -> None:

@@ -33,7 +33,7 @@ import stat
 import struct
 from collections.abc import Iterable, Mapping
 
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, hostfs
 
 TUNER = "irqbalance"
 SOCKET_DIR = "run/irqbalance"
@@ -149,14 +149,14 @@ def find(root: pathlib.Path, names: Iterable[str] | None = None) -> list[Instanc
     found = []
     if names is None:
         try:
-            names = os.listdir(root / "proc")
+            names = hostfs.listdir(root, "proc")
         except OSError:
             return []
     for name in names:
         if not name.isdigit():
             continue
         try:
-            comm = (root / "proc" / name / "comm").read_text().strip()
+            comm = hostfs.read_text(root, f"proc/{name}/comm").strip()
         except OSError:
             continue
         if comm == "irqbalance":
@@ -196,7 +196,7 @@ def read_version(root: pathlib.Path, pid: int) -> str | None:
 
 def read_env(root: pathlib.Path, pid: int) -> dict[str, str]:
     try:
-        raw = (root / "proc" / str(pid) / "environ").read_bytes()
+        raw = hostfs.read_bytes(root, f"proc/{pid}/environ")
     except OSError:
         return {}
     env = {}
@@ -219,7 +219,7 @@ def auto_banned(root: pathlib.Path, env: Mapping[str, str]) -> cpulist.CpuSet:
     banned: set[int] = set()
     for name in ("isolated", "nohz_full"):
         try:
-            text = (root / "sys/devices/system/cpu" / name).read_text().strip()
+            text = hostfs.read_text(root, f"sys/devices/system/cpu/{name}").strip()
             banned |= cpulist.parse(text) if text and text != "(null)" else set()
         except (OSError, cpulist.CpuListError):
             continue

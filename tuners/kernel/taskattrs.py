@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, hostfs
 
 CGROUP_ROOT = "sys/fs/cgroup"
 FAKE_FILE = "agentlat-fake-sched.json"
@@ -221,13 +221,8 @@ class RealBackend:
                 raise OSError(code, os.strerror(code))
 
     def set_timer_slack(self, pid: int, tid: int, slack_ns: int) -> None:
-        path = self.root / "proc" / str(tid) / "timerslack_ns"
         with _gone_as_esrch():
-            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, f"{slack_ns}\n".encode())
-            finally:
-                os.close(fd)
+            hostfs.write_bytes(self.root, f"proc/{tid}/timerslack_ns", f"{slack_ns}\n".encode(), truncate=False)
 
     def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
         """A mask equal to the task's whole cpuset is written as "every possible CPU": the kernel keeps
@@ -242,7 +237,7 @@ class RealBackend:
 
     def _cpuset_cpus(self, pid: int) -> cpulist.CpuSet | None:
         try:
-            path = (self.root / "proc" / str(pid) / "cpuset").read_text().strip()
+            path = hostfs.read_text(self.root, f"proc/{pid}/cpuset").strip()
         except OSError:
             return None
         if not path.startswith("/") or ".." in path.split("/"):
@@ -251,24 +246,53 @@ class RealBackend:
         for rel in (f"{CGROUP_ROOT}{inside}/cpuset.cpus.effective",
                     f"{CGROUP_ROOT}/cpuset{inside}/cpuset.effective_cpus"):
             try:
-                return cpulist.parse((self.root / rel).read_text())
+                return cpulist.parse(hostfs.read_text(self.root, rel))
             except (OSError, cpulist.CpuListError):
                 continue
         return None
 
     def _possible(self) -> cpulist.CpuSet | None:
         try:
-            return cpulist.parse((self.root / "sys/devices/system/cpu/possible").read_text())
+            return cpulist.parse(hostfs.read_text(self.root, "sys/devices/system/cpu/possible"))
         except (OSError, cpulist.CpuListError):
             return None
 
     def _timer_slack(self, tid: int) -> int | None:
         try:
-            return int((self.root / "proc" / str(tid) / "timerslack_ns").read_text())
+            return int(hostfs.read_text(self.root, f"proc/{tid}/timerslack_ns"))
         except FileNotFoundError:
             raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
         except (OSError, ValueError):
             return None
+
+
+class ForeignBackend:
+    """A live root whose /proc is another PID namespace's: every per-task call is refused (EPERM)."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = root
+
+    def _refuse(self) -> OSError:
+        return PermissionError(errno.EPERM, f"{self.root}/proc shows another PID namespace: run with the host's "
+                                            "PID namespace (hostPID) to tune workloads")
+
+    def attrs(self, pid: int, tid: int) -> SchedAttrs:
+        raise self._refuse()
+
+    def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
+        raise self._refuse()
+
+    def set_nice(self, pid: int, tid: int, nice: int) -> None:
+        raise self._refuse()
+
+    def set_slice(self, pid: int, tid: int, slice_ns: int) -> None:
+        raise self._refuse()
+
+    def set_timer_slack(self, pid: int, tid: int, slack_ns: int) -> None:
+        raise self._refuse()
+
+    def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
+        raise self._refuse()
 
 
 class FakeBackend:
@@ -283,8 +307,8 @@ class FakeBackend:
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
 
-    def path(self, pid: int, tid: int) -> pathlib.Path:
-        return self.root / "proc" / str(pid) / "task" / str(tid) / FAKE_FILE
+    def rel(self, pid: int, tid: int) -> str:
+        return f"proc/{pid}/task/{tid}/{FAKE_FILE}"
 
     def attrs(self, pid: int, tid: int) -> SchedAttrs:
         state = self._load(pid, tid)
@@ -345,37 +369,24 @@ class FakeBackend:
 
     def _load(self, pid: int, tid: int) -> dict[str, Any]:
         try:
-            loaded = json.loads(self.path(pid, tid).read_text())
+            loaded = json.loads(hostfs.read_text(self.root, self.rel(pid, tid)))
         except FileNotFoundError:
             raise ProcessLookupError(errno.ESRCH, f"thread {tid} of {pid} is gone") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"{self.path(pid, tid)} is not a JSON object")
+            raise ValueError(f"{self.rel(pid, tid)} is not a JSON object")
         return loaded
 
     def _save(self, pid: int, tid: int, state: dict[str, Any]) -> None:
-        self.path(pid, tid).write_text(json.dumps(state, sort_keys=True) + "\n")
-
-
-@functools.lru_cache(maxsize=16)
-def _is_live_procfs(root: str) -> bool:
-    proc = os.path.join(root, "proc")
-    try:
-        if os.readlink(os.path.join(proc, "self")) != str(os.getpid()):
-            return False
-        real = os.path.realpath(proc)
-        with open("/proc/self/mountinfo") as mounts:
-            return any(line.split()[4] == real and " - proc " in line for line in mounts)
-    except OSError:
-        return False
-
-
-def is_live(root: pathlib.Path) -> bool:
-    """Whether ROOT/proc is this machine's procfs for our PID namespace (syscalls by PID are safe)."""
-    return _is_live_procfs(os.path.realpath(root))
+        data = (json.dumps(state, sort_keys=True) + "\n").encode()
+        hostfs.write_bytes(self.root, self.rel(pid, tid), data, truncate=True)
 
 
 def backend_for(root: pathlib.Path) -> Backend:
-    return RealBackend(root) if is_live(root) else FakeBackend(root)
+    """Syscalls by PID on a live root, the fixture's JSON files otherwise. A live root whose procfs shows
+    another PID namespace (a pod without hostPID) would name other tasks: refused per call."""
+    if not hostfs.is_live(root):
+        return FakeBackend(root)
+    return RealBackend(root) if hostfs.same_pid_namespace(root) else ForeignBackend(root)
 
 
 @functools.lru_cache(maxsize=16)
