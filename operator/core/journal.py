@@ -28,9 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
-from agentlat.operator.model import plan
-
-from agentlat.operator.model import errors
+from agentlat.operator.model import errors, plan
 
 DEFAULT_STATE_DIR = pathlib.Path("/var/lib/agentlat")
 RECORDED: Final = plan.OUTCOMES - {"Reverted"}  # what an apply records; revert forgets the row

@@ -20,9 +20,8 @@ EVIL = "^(a+)+$"
 
 
 def _discover(root: pathlib.Path, selector: policy.ProcessSelector) -> workloads.Found:
-    model = host.read(root)
-    assert model.discovery is not None
-    return model.discovery.find(policy.Workload("w", process_selector=selector), None)
+    workload = policy.Workload("w", process_selector=selector)
+    return host.read(root, wanted=[workload]).found["w"]
 
 
 @pytest.mark.parametrize("field", ["comm", "cmdline"])

@@ -139,7 +139,7 @@ from agentlat.operator.core import journal
 journal.Journal.check_space = lambda self, actions: None  # let the pass start, so it meets ENOSPC mid-way
 import os
 filler = pathlib.Path(state) / "filler"
-code = main.main(["status", "--root", root, "--state", state])  # creates the journal and its reserve
+journal.Journal.open(pathlib.Path(state), "boot").close()  # the journal and its reserve (status creates nothing)
 fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
 try:
     while True:
