@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from agentlat.operator.core import context, engine, journal, planner
+from agentlat.operator.core import context, engine, planner
 from agentlat.operator.model import host, plan, policy
 from agentlat.tuners.kernel import cpulist
 from tests.plugins import hosts, realhost
@@ -107,7 +107,7 @@ def test_real_write_to_a_managed_irq_is_unsupported_not_a_crash(tmp_path: pathli
     target = f"proc/irq/{managed[0].number}/smp_affinity_list"
     write = plan.Action("irq", target, managed[0].affinity_text, "0", "forced write to a managed IRQ")
     forced = plan.Plan("forced", plan.Cpus(frozenset({1}), frozenset({0})), (write,), ())
-    with journal.Journal.open(tmp_path, host.read(ROOT).boot_id or "") as log:
+    with realhost.reverting_journal(tmp_path) as log:
         report = engine.apply(forced, context.Context(), log, ROOT, policy="forced", generation=1)
         assert report.results[0].outcome == "Unsupported", report.results[0]
         assert "kernel refused the affinity (EPERM)" in report.results[0].detail
@@ -139,7 +139,7 @@ def test_stop_and_kill_through_the_context_leave_a_revertible_journal(tmp_path: 
         if writes == 5:
             getattr(ctx, how)()
 
-    with journal.Journal.open(tmp_path, host.read(ROOT).boot_id or "") as log:
+    with realhost.reverting_journal(tmp_path) as log:
         the_plan = planner.make_plan(chosen, engine.original_host(ROOT, log, chosen))
         report = engine.apply(the_plan, ctx, log, ROOT, policy="ctx", generation=1, after_write=interrupt)
         assert report.stopped and report.writes == 5 and report.killed == (how == "kill")

@@ -27,6 +27,7 @@ from agentlat.operator.model import host, plan, policy
 from agentlat.tuners import blk
 from agentlat.tuners.kernel import cpulist, ethtool
 from tests.host import test_ethtool_coalesce as oracle
+from tests.plugins import realhost
 
 pytestmark = [
     pytest.mark.host,
@@ -72,8 +73,7 @@ def read_all(paths: list[pathlib.Path]) -> dict[str, str]:
 
 @pytest.fixture
 def log(tmp_path: pathlib.Path) -> Iterator[journal.Journal]:
-    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    with journal.Journal.open(tmp_path / "state", boot) as opened:
+    with realhost.reverting_journal(tmp_path / "state") as opened:
         yield opened
 
 
@@ -148,10 +148,18 @@ def test_eth0_refusals_are_unsupported_and_change_nothing(uplink_untouched: dict
                                      "rxUsecsIrq": 5, "rxFrames": uplink_untouched["rxFrames"]}
     chosen = device_policy(nic=(policy.NicRule(UPLINK, None, wanted),))
     the_plan = live_plan(chosen, log, lambda target: target.startswith(f"ethtool/{UPLINK}/"))
-    assert [a.target for a in the_plan.actions] == [f"ethtool/{UPLINK}/adaptiveRx", f"ethtool/{UPLINK}/rxUsecs"]
-    assert [(s.target, s.reason) for s in the_plan.skips] == [
-        (f"ethtool/{UPLINK}/rxUsecsIrq", f"driver virtio_net does not support rxUsecsIrq on {UPLINK}")]
-    report = apply(the_plan, log)
+    # The device's negotiated virtio features tell up front that these changes cannot hold: planned as skips.
+    assert the_plan.actions == ()
+    skips = {s.target.rsplit("/", 1)[1]: s.reason for s in the_plan.skips}
+    assert skips["rxUsecsIrq"] == f"driver virtio_net does not support rxUsecsIrq on {UPLINK}"
+    for param in ("adaptiveRx", "rxUsecs"):
+        assert "did not negotiate VIRTIO_NET_F_NOTF_COAL/VQ_NOTF_COAL" in skips[param], skips
+    # Written anyway (a stale plan), the kernel still refuses or ignores them: Unsupported, never a crash.
+    forced = plan.Plan("devices", the_plan.cpus, (
+        plan.Action("nic", f"ethtool/{UPLINK}/adaptiveRx", "0", "1", "written anyway"),
+        plan.Action("nic", f"ethtool/{UPLINK}/rxUsecs", str(uplink_untouched["rxUsecs"]),
+                    str(uplink_untouched["rxUsecs"] + 8), "written anyway")), ())
+    report = apply(forced, log)
     by = {r.target.rsplit("/", 1)[1]: r for r in report.results}
     assert by["adaptiveRx"].outcome == "Unsupported"
     assert "accepted adaptiveRx=1 but still reports 0: the driver ignores it" in by["adaptiveRx"].detail

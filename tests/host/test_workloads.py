@@ -118,8 +118,7 @@ def make_cgroup() -> Iterator[Callable[[str, Worker], pathlib.Path]]:
 
 @pytest.fixture
 def log(tmp_path: pathlib.Path) -> Iterator[journal.Journal]:
-    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    with journal.Journal.open(tmp_path / "state", boot) as opened:
+    with realhost.reverting_journal(tmp_path / "state") as opened:
         yield opened
 
 

@@ -3,6 +3,7 @@ whatever happened. Tests restore what they touch themselves; this is the safety 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pathlib
@@ -11,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+
+from agentlat.operator.core import context, engine, journal
 
 GUARDED = ("/proc/irq/*/smp_affinity_list", "/proc/irq/default_smp_affinity")
 
@@ -60,3 +63,15 @@ def real_host_guard() -> Iterator[dict[str, str]]:
     finally:
         problems = restore(before)
         assert not problems, problems
+
+
+@contextlib.contextmanager
+def reverting_journal(state: pathlib.Path) -> Iterator[journal.Journal]:
+    """A journal on the live root that reverts whatever is still journaled when the test ends, failed or not:
+    the values come back and the root's owner marker is released for the next test's state dir."""
+    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    with journal.Journal.open(state, boot) as log:
+        try:
+            yield log
+        finally:
+            engine.revert(context.Context("test-teardown"), log, pathlib.Path("/"))
