@@ -86,6 +86,12 @@ class ParsedPolicy:
     body: Mapping[str, Json]
     chosen: policy.Policy | None
     problem: str | None  # why the spec cannot be used (chosen is None)
+    # An invalid edit of a policy that was valid before: its nodes stay on this, its last valid generation.
+    fallback: policy.Policy | None = None
+
+    @property
+    def effective(self) -> policy.Policy | None:
+        return self.chosen if self.chosen is not None else self.fallback
 
     @property
     def name(self) -> str:
@@ -131,16 +137,22 @@ def parse(body: Mapping[str, Json]) -> ParsedPolicy:
 
 def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing: Mapping[str, Mapping[str, Json]],
            now: str) -> Decision:
-    valid = [p for p in policies if p.chosen is not None]
+    usable = [p for p in policies if p.effective is not None]
+    # Invalid with no last valid generation known (the controller restarted since): the nodes whose profile
+    # it is a source of keep that profile untouched.
+    frozen = {p.name for p in policies if p.effective is None}
     selected: dict[str, list[policy.Policy]] = {}
     matched: dict[str, list[str]] = {p.name: [] for p in policies}
     for node in sorted(nodes.values(), key=lambda n: n.name):
-        for parsed in valid:
-            assert parsed.chosen is not None
-            if profiles.selects(parsed.chosen.node_selector, node.labels):
-                selected.setdefault(node.name, []).append(parsed.chosen)
+        for parsed in usable:
+            assert parsed.effective is not None
+            if profiles.selects(parsed.effective.node_selector, node.labels):
+                selected.setdefault(node.name, []).append(parsed.effective)
                 matched[parsed.name].append(node.name)
-    ops = _profile_ops(selected, nodes, existing)
+    held = _held_by(frozen, existing) if frozen else {}
+    for name, nodes_held in held.items():
+        matched[name] = nodes_held
+    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held})
     conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
     for node_name, chosen in selected.items():
         for conflict in profiles.conflicts(chosen):
@@ -156,13 +168,25 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
     return Decision(tuple(ops), statuses, tuple(warnings), _node_states(existing))
 
 
+def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> dict[str, list[str]]:
+    """Frozen policy -> the nodes whose live profile it is a source of."""
+    held: dict[str, list[str]] = {name: [] for name in frozen}
+    for node, profile in sorted(existing.items()):
+        if not profiles.deleting(profile):
+            for name in frozen & set(profiles.sources(profile)):
+                held[name].append(node)
+    return held
+
+
 def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
-                 existing: Mapping[str, Mapping[str, Json]]) -> list[ProfileOp]:
+                 existing: Mapping[str, Mapping[str, Json]], frozen: set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
         node = nodes.get(name)
         chosen = selected.get(name)
+        if node is not None and name in frozen:
+            continue
         if profile is not None and profiles.deleting(profile):
             held = profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ())
             if held and (node is None or profiles.is_true(profile, "Reverted")):
@@ -185,12 +209,14 @@ def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mappin
                   conflicts: Sequence[tuple[profiles.Conflict, str]], old: Mapping[str, Json],
                   now: str) -> dict[str, Json]:
     generation = parsed.generation
+    # What the nodes run: the current generation, or the last valid one while the current is invalid.
+    wanted = parsed.effective.generation if parsed.effective is not None else None
     applied, degraded, drifted, waiting = [], [], [], []
     for node in matched:
         profile = existing.get(node)
         result = profiles.node_result(profile) if profile is not None else None
         fresh = (profile is not None and result is not None and result.current and not profiles.deleting(profile)
-                 and profiles.sources(profile).get(parsed.name) == generation)
+                 and profiles.sources(profile).get(parsed.name) in (wanted, generation))
         if not fresh or result is None:
             waiting.append(node)
             continue
@@ -218,10 +244,13 @@ def _conditions(parsed: ParsedPolicy, matched: Sequence[str], applied: Sequence[
                 degraded: Sequence[tuple[str, str]], waiting: Sequence[str],
                 conflicts: Sequence[tuple[profiles.Conflict, str]]) -> list[dict[str, str]]:
     if parsed.problem is not None:
-        return [_condition("Ready", False, "InvalidSpec", parsed.problem),
+        kept = (f"{len(matched)} node(s) keep generation {parsed.fallback.generation}"
+                if parsed.fallback is not None else f"{len(matched)} node(s) keep their current profile")
+        return [_condition("Ready", False, "InvalidSpec", f"{parsed.problem}; {kept}"),
                 _condition("Progressing", False, "InvalidSpec", "the spec cannot be used on any node"),
                 _condition("Degraded", True, "InvalidSpec", parsed.problem),
-                _condition("Conflicted", False, "NoConflict", "")]
+                _conflicted(conflicts),
+                _condition("Invalid", True, "InvalidSpec", parsed.problem)]
     total = len(matched)
     if not matched:
         ready = _condition("Ready", True, "NoMatchingNodes", "the nodeSelector selects no node")
@@ -326,6 +355,7 @@ class Controller:
         self._seen_nodes: dict[str, tuple[str, dict[str, str]]] = {}
         self._seen_policies: dict[str, tuple[str, int]] = {}
         self._parsed: dict[tuple[str, int], ParsedPolicy] = {}
+        self._last_valid: dict[str, policy.Policy] = {}  # policy uid -> its newest valid generation
         self._dirty = False
         self._running = False
 
@@ -394,6 +424,7 @@ class Controller:
         parsed = [self._parse(body) for body in listed]
         live = {(str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
         self._parsed = {key: value for key, value in self._parsed.items() if key in live}
+        self._last_valid = {uid: chosen for uid, chosen in self._last_valid.items() if uid in {u for u, _ in live}}
         nodes = _latest(self._nodes)
         existing = _latest(self._profiles)
         self._seen_nodes = {name: (node.uid, dict(node.labels)) for name, node in nodes.items()}
@@ -417,6 +448,11 @@ class Controller:
         cached = self._parsed.get(key)
         if cached is None:
             cached = self._parsed[key] = parse(body)
+        last = self._last_valid.get(key[0])
+        if cached.chosen is not None and (last is None or last.generation <= cached.generation):
+            self._last_valid[key[0]] = cached.chosen
+        elif cached.chosen is None and last is not None:
+            return dataclasses.replace(cached, body=body, fallback=last)
         return dataclasses.replace(cached, body=body)
 
     def _list_policies(self) -> list[dict[str, Json]]:

@@ -142,6 +142,43 @@ def test_profiles_follow_policies_and_node_labels(
     assert metric(ctl, "agentlat_controller_profiles") == 3
 
 
+def test_an_invalid_edit_keeps_the_nodes_on_the_last_valid_profile(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: the invalid generation deleted every profile the policy had selected.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p", agentCpus="0-1"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+    for name in ("n1", "n2"):
+        report(agent, server, name, Applied=True, Degraded=False)
+    server.wait_for(lambda: status_of(server, "p").get("appliedNodes") == 2, 15)
+    before = {name: profile(server, name) for name in ("n1", "n2")}
+
+    # Valid for the CRD, not for the controller: housekeeping overlaps the agent CPUs.
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"housekeepingCpus": "1"}})
+    server.wait_for(lambda: "Invalid" in conditions(status_of(server, "p")), 15, "no Invalid condition")
+    status = status_of(server, "p")
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert (invalid["status"], invalid["reason"]) == ("True", "InvalidSpec")
+    assert invalid["message"].startswith("spec.housekeepingCpus: ")
+    assert (status["observedGeneration"], status["matchedNodes"], status["appliedNodes"]) == (2, 2, 2)
+    for name, old in before.items():
+        now = profile(server, name)
+        assert now is not None and not now["metadata"].get("deletionTimestamp")
+        assert now["spec"] == old["spec"] and now["metadata"]["generation"] == old["metadata"]["generation"]  # type: ignore[index]
+
+    # Fixed: the nodes move to the new generation and the condition goes.
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"housekeepingCpus": "2"}})
+    server.wait_for(lambda: profiles.sources(profile(server, "n1") or {}).get("p") == 3, 15)
+    server.wait_for(lambda: "Invalid" not in conditions(status_of(server, "p")), 15)
+
+
 def test_unselected_node_profile_is_held_until_its_agent_reverts(
     kube_apiserver: apiserver.ApiServer,
     kube_client: ClientFactory,
