@@ -30,7 +30,7 @@ import dataclasses
 import datetime
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, cast
 
 import kopf
@@ -179,7 +179,7 @@ def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> di
 
 
 def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
-                 existing: Mapping[str, Mapping[str, Json]], frozen: set[str] = frozenset()) -> list[ProfileOp]:
+                 existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
