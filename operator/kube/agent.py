@@ -42,7 +42,7 @@ from agentlat.operator.core import context, journal
 from agentlat.operator.daemon import metrics
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import client as _kube
-from agentlat.operator.kube import profiles
+from agentlat.operator.kube import heartbeat, profiles
 from agentlat.operator.model import errors, policy, workloads
 
 logger = logging.getLogger(__name__)
@@ -266,8 +266,12 @@ class Agent:
                  watch_timeout: int = 240, status_interval: float = 1.0, settle: float = 0.05,
                  measurements_interval: float = 60.0,
                  backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], datetime.datetime] | None = None) -> None:
+                 wall_clock: Callable[[], datetime.datetime] | None = None, namespace: str | None = None,
+                 heartbeat_interval: float = 10.0, lease_seconds: int = heartbeat.DEFAULT_SECONDS) -> None:
         self.node = node
+        self.namespace = namespace  # of the heartbeat lease; None: no heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.lease_seconds = lease_seconds
         self.daemon = node_daemon
         self.metrics = AgentMetrics(registry)
         self.liveness_window = liveness_window
@@ -276,6 +280,7 @@ class Agent:
         self.measurements_interval = measurements_interval
         self._custom = kubernetes.client.CustomObjectsApi(api)
         self._core = kubernetes.client.CoreV1Api(api)
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
         self._clock = clock
         self._wall = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._changed = threading.Condition()
@@ -365,6 +370,9 @@ class Agent:
             threading.Thread(target=self.pod_watch.run, args=(ctx.child("pod-watch"),), name="agentlat-pod-watch",
                              daemon=True),
         ]
+        if self.namespace is not None:
+            threads.append(threading.Thread(target=self._heartbeat, args=(ctx.child("heartbeat"),),
+                                            name="agentlat-heartbeat", daemon=True))
         self._daemon_thread = threads[0]
         for thread in threads:
             thread.start()
@@ -391,6 +399,16 @@ class Agent:
             logger.exception("the node daemon failed")
             self._daemon_failure = exc
             self._wake()
+
+    def _heartbeat(self, ctx: context.Context) -> None:
+        """Renew this node's lease (heartbeat.py) every interval; failures are retried at the next one."""
+        assert self.namespace is not None
+        while not ctx.is_stopped():
+            try:
+                heartbeat.renew(self._coordination, self.namespace, self.node, self.lease_seconds, self._wall())
+            except Exception as exc:  # API errors and outages alike: the lease simply ages
+                logger.warning("heartbeat lease renewal failed: %s", exc)
+            ctx.wait_stopped(self.heartbeat_interval)
 
     def _wake(self) -> None:
         with self._changed:
@@ -485,6 +503,8 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub.add_argument("--watch-timeout", type=int, default=240, metavar="S",
                      help="ask the server to end each watch after S seconds (default 240; then it resumes)")
     sub.add_argument("--metrics-port", type=int, default=9180, metavar="PORT", help="Prometheus port (0: off)")
+    sub.add_argument("--namespace", default=None, metavar="NS",
+                     help="namespace of this node's heartbeat lease (default: this pod's or the kubeconfig's)")
     sub.add_argument("--log-level", choices=_kube.LOG_LEVELS, default="info")
     sub.add_argument("--kubeconfig", default=None, metavar="FILE",
                      help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
@@ -492,6 +512,9 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_command(args: argparse.Namespace) -> int:
+    namespace = args.namespace or _kube.namespace(args.kubeconfig)
+    if not namespace:
+        raise errors.single("agentlat agent", "--namespace", "required (or set $POD_NAMESPACE)")
     if not args.node:
         raise errors.single("agentlat agent", "--node", "required (or set $NODE_NAME)")
     if args.watch_timeout <= 0 or args.liveness_window <= args.watch_timeout:
@@ -500,7 +523,7 @@ def run_command(args: argparse.Namespace) -> int:
     registry = prometheus_client.CollectorRegistry()
     node_daemon = daemon.NodeDaemon(args.root, args.state, metrics=metrics.Metrics(registry))
     agent = Agent(_kube.api_client(args.kubeconfig), args.node, node_daemon, registry,
-                  liveness_window=args.liveness_window, watch_timeout=args.watch_timeout)
+                  liveness_window=args.liveness_window, watch_timeout=args.watch_timeout, namespace=namespace)
     if args.metrics_port:
         _kube.serve_metrics(registry, args.metrics_port)
     health = None

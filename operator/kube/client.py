@@ -15,6 +15,7 @@ import kubernetes.config
 import prometheus_client
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
@@ -26,6 +27,25 @@ def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configurat
         kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=kubeconfig or os.environ.get("KUBECONFIG") or None, client_configuration=config)
     return config
+
+
+def namespace(kubeconfig: str | None = None) -> str | None:
+    """This pod's namespace ($POD_NAMESPACE, or the ServiceAccount's), else the kubeconfig context's."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(SA_NAMESPACE, encoding="utf-8") as stream:
+                return stream.read().strip() or None
+        except OSError:
+            return None
+    try:
+        _contexts, current = kubernetes.config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None)
+    except (kubernetes.config.ConfigException, OSError):
+        return None
+    found = (current or {}).get("context", {}).get("namespace")
+    return str(found) if found else None
 
 
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:

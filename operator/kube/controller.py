@@ -38,7 +38,7 @@ import kubernetes.client
 import prometheus_client
 
 from agentlat.operator.kube import client as _kube
-from agentlat.operator.kube import profiles
+from agentlat.operator.kube import heartbeat, profiles
 from agentlat.operator.model import errors, policy
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ Json = Any
 KOPF_FINALIZER = "agentlat.io/kopf"
 KOPF_PREFIX = "agentlat.io"
 DEFAULT_PEERING = "agentlat"
+AGENT_GRACE = 120.0
 MAX_LISTED_NODES = 5
 BACKOFFS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 WRITE_CONCURRENCY = 8
@@ -68,6 +69,9 @@ class Metrics:
             "agentlat_controller_reconciles", "Reconcile passes.", registry=registry)
         self.reconcile_errors = prometheus_client.Counter(
             "agentlat_controller_reconcile_errors", "Reconcile passes or API writes that failed.", registry=registry)
+        self.abandoned = prometheus_client.Counter(
+            "agentlat_controller_abandoned_profiles", "Profiles released without a revert: no live agent on the node.",
+            registry=registry)
         self.writes = prometheus_client.Counter(
             "agentlat_controller_writes", "API writes, by kind.", ["kind"], registry=registry)
 
@@ -111,6 +115,7 @@ class ProfileOp:
     spec: Mapping[str, Json] | None = None
     uid: str = ""  # the Node's uid, for the ownerReference
     profile: Mapping[str, Json] | None = None  # the profile as last seen
+    abandoned: bool = False  # released without a revert: the node has had no live agent for the grace period
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +141,7 @@ def parse(body: Mapping[str, Json]) -> ParsedPolicy:
 
 
 def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing: Mapping[str, Mapping[str, Json]],
-           now: str) -> Decision:
+           now: str, abandoned: Set[str] = frozenset()) -> Decision:
     usable = [p for p in policies if p.effective is not None]
     # Invalid with no last valid generation known (the controller restarted since): the nodes whose profile
     # it is a source of keep that profile untouched.
@@ -152,7 +157,7 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
     held = _held_by(frozen, existing) if frozen else {}
     for name, nodes_held in held.items():
         matched[name] = nodes_held
-    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held})
+    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
     conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
     for node_name, chosen in selected.items():
         for conflict in profiles.conflicts(chosen):
@@ -179,7 +184,8 @@ def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> di
 
 
 def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
-                 existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset()) -> list[ProfileOp]:
+                 existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset(),
+                 abandoned: Set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
@@ -188,8 +194,10 @@ def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping
         if node is not None and name in frozen:
             continue
         if profile is not None and profiles.deleting(profile):
-            held = profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ())
-            if held and (node is None or profiles.is_true(profile, "Reverted")):
+            if awaiting_revert(profile, node is not None) and name in abandoned:
+                ops.append(ProfileOp("release", name, profile=profile, abandoned=True))
+            elif profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ()) and (
+                    node is None or profiles.is_true(profile, "Reverted")):
                 ops.append(ProfileOp("release", name, profile=profile))
             continue  # a new profile, if wanted, once this one is gone
         if node is None or not chosen:
@@ -203,6 +211,12 @@ def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping
                 profile["metadata"].get("finalizers") or ()):
             ops.append(ProfileOp("replace", name, spec, node.uid, profile))
     return ops
+
+
+def awaiting_revert(profile: Mapping[str, Json], node_exists: bool = True) -> bool:
+    """Deleting, held by the revert finalizer, on a live Node, and its agent has not reported Reverted."""
+    return (node_exists and profiles.deleting(profile) and not profiles.is_true(profile, "Reverted")
+            and profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ()))
 
 
 def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mapping[str, Mapping[str, Json]],
@@ -343,9 +357,15 @@ def settings(priority: int | None = None) -> kopf.OperatorSettings:
 
 class Controller:
     def __init__(self, api: kubernetes.client.ApiClient, metrics: Metrics, *, debounce: float = 0.05,
-                 backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], datetime.datetime] | None = None) -> None:
+                 backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], datetime.datetime] | None = None,
+                 agent_namespace: str | None = None, agent_grace: float = AGENT_GRACE) -> None:
         self._custom = kubernetes.client.CustomObjectsApi(api)
         self._core = kubernetes.client.CoreV1Api(api)
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
+        self.agent_namespace = agent_namespace
+        self.agent_grace = agent_grace
+        self._wake: asyncio.TimerHandle | None = None
+        self._woken_task: asyncio.Future[None] | None = None
         self.metrics = metrics
         self.debounce = debounce
         self.backoffs = tuple(backoffs)
@@ -429,7 +449,8 @@ class Controller:
         existing = _latest(self._profiles)
         self._seen_nodes = {name: (node.uid, dict(node.labels)) for name, node in nodes.items()}
         self._seen_policies = {p.name: (str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
-        decision = decide(parsed, nodes, existing, _kube.timestamp(self._clock()))
+        abandoned = await self._abandoned(nodes, existing)
+        decision = decide(parsed, nodes, existing, _kube.timestamp(self._clock()), abandoned)
         self.metrics.policies.set(len(parsed))
         self.metrics.invalid_policies.set(sum(p.chosen is None for p in parsed))
         self.metrics.profiles.set(len(existing))
@@ -439,8 +460,50 @@ class Controller:
         for warning in decision.warnings:
             body = kopf.Body(cast(kopf.RawBody, dict(warning.policy)))
             kopf.warn(body, reason=warning.reason, message=warning.message)
+        for op in decision.ops:
+            if op.abandoned:
+                self._report_abandoned(nodes[op.node])
         if failed:
             raise RuntimeError(f"{failed} API write(s) failed")
+
+    async def _abandoned(self, nodes: Mapping[str, Node], existing: Mapping[str, Mapping[str, Json]]) -> set[str]:
+        """Nodes whose profile has awaited its revert for the grace period with no live agent lease; a pass is
+        scheduled for when the others could become so."""
+        held = {name: heartbeat.parse_time(p["metadata"]["deletionTimestamp"]) for name, p in existing.items()
+                if awaiting_revert(p, name in nodes)}
+        if not held or self.agent_namespace is None:
+            return set()
+        now = self._clock()
+        grace = datetime.timedelta(seconds=self.agent_grace)
+        overdue = {name for name, since in held.items() if now - since >= grace}
+        wakes = [since + grace for name, since in held.items() if name not in overdue]
+        live: dict[str, datetime.datetime] = {}
+        if overdue:
+            live = await asyncio.to_thread(heartbeat.live_nodes, self._coordination, self.agent_namespace, now)
+            wakes += [live[name] for name in overdue if name in live]
+        if wakes:
+            self._schedule((min(wakes) - now).total_seconds() + 0.05)
+        return overdue - set(live)
+
+    def _schedule(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._wake is not None and self._wake.when() <= loop.time() + delay:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_later(max(0.0, delay), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._woken_task = asyncio.ensure_future(self._trigger({}))
+
+    def _report_abandoned(self, node: Node) -> None:
+        self.metrics.abandoned.inc()
+        message = (f"no live agent on node {node.name} for {self.agent_grace:g}s: its profile was released "
+                   f"without a revert (the node keeps whatever its agent applied)")
+        logger.warning("%s", message)
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name, "uid": node.uid}}
+        kopf.warn(kopf.Body(cast(kopf.RawBody, body)), reason="AgentAbsent", message=message)
 
     def _parse(self, body: Mapping[str, Json]) -> ParsedPolicy:
         meta = body["metadata"]
@@ -581,6 +644,11 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub.add_argument("--liveness", default=None, metavar="URL",
                      help="Kopf health endpoint, e.g. http://0.0.0.0:8080/healthz")
     sub.add_argument("--metrics-port", type=int, default=9090, metavar="PORT", help="Prometheus port (0: off)")
+    sub.add_argument("--agent-namespace", default=None, metavar="NS",
+                     help="namespace of the agents' heartbeat leases (default: this pod's or the kubeconfig's)")
+    sub.add_argument("--agent-grace", type=float, default=AGENT_GRACE, metavar="S",
+                     help=f"release a deleted profile unreverted after S seconds with no live agent on its node "
+                          f"(default {AGENT_GRACE:g})")
     sub.add_argument("--log-level", choices=_kube.LOG_LEVELS, default="info")
     sub.add_argument("--kubeconfig", default=None, metavar="FILE",
                      help="outside a cluster: kubeconfig to use (default $KUBECONFIG or ~/.kube/config)")
@@ -593,7 +661,8 @@ def run_command(args: argparse.Namespace) -> int:
     metrics = Metrics(registry)
     if args.metrics_port:
         _kube.serve_metrics(registry, args.metrics_port)
-    controller = Controller(_kube.api_client(args.kubeconfig), metrics)
+    controller = Controller(_kube.api_client(args.kubeconfig), metrics, agent_grace=args.agent_grace,
+                            agent_namespace=args.agent_namespace or _kube.namespace(args.kubeconfig))
     kopf_registry = controller.registry()
     kopf.on.login(registry=kopf_registry)(_kube.kopf_login(args.kubeconfig))
     chosen = settings(args.peering_priority)

@@ -55,6 +55,14 @@ EXPECTED: dict[str, set[Grant]] = {
 }
 
 
+# Namespaced grants (Roles bound in the release namespace): account -> grants there.
+EXPECTED_IN_NAMESPACE: dict[str, set[Grant]] = {
+    "agentlat-agent": {("coordination.k8s.io", "leases", v, "") for v in ("create", "patch")},
+    "agentlat-controller": {("coordination.k8s.io", "leases", "list", "")},
+    "agentlat-uninstall": {("coordination.k8s.io", "leases", "list", "")},
+}
+
+
 def grants(rules: list[Mapping[str, Any]]) -> set[Grant]:
     out: set[Grant] = set()
     for rule in rules:
@@ -71,6 +79,18 @@ def chart_grants(docs: list[dict[str, Any]]) -> dict[str, set[Grant]]:
         for subject in binding["subjects"]:
             assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NS
             out.setdefault(subject["name"], set()).update(grants(roles[binding["roleRef"]["name"]]))
+    return out
+
+
+def chart_namespaced_grants(docs: list[dict[str, Any]]) -> dict[str, set[Grant]]:
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): d.get("rules") or [] for d in docs
+             if d["kind"] == "Role"}
+    out: dict[str, set[Grant]] = {}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["metadata"]["namespace"] == NS and binding["roleRef"]["kind"] == "Role"
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NS
+            out.setdefault(subject["name"], set()).update(grants(roles[(NS, binding["roleRef"]["name"])]))
     return out
 
 
@@ -106,12 +126,14 @@ def test_chart_grants_every_rule_of_the_harness_stand_in() -> None:
 
 def test_chart_grants_exactly_the_reviewed_least_privilege_sets() -> None:
     assert chart_grants(render.rbac_documents()) == EXPECTED
+    assert chart_namespaced_grants(render.rbac_documents()) == EXPECTED_IN_NAMESPACE
 
 
 def test_no_wildcards_no_secrets_no_escalation() -> None:
     docs = render.rbac_documents({"peering": {"installCRDs": True}, "metrics": {"serviceMonitor": {"enabled": True}}})
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-    for group, resource, verb, _ in set().union(*chart_grants(docs).values()):
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    everything = set().union(*chart_grants(docs).values(), *chart_namespaced_grants(docs).values())
+    for group, resource, verb, _ in everything:
         assert "*" not in (group, resource, verb)
         assert resource not in ("secrets", "configmaps", "serviceaccounts", "pods/exec", "nodes/proxy")
         assert verb not in ("escalate", "bind", "impersonate", "deletecollection")

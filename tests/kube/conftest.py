@@ -68,7 +68,8 @@ def agentlat_controller(
                 {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
             )
         metrics = controller.Metrics(prometheus_client.CollectorRegistry())
-        options: dict[str, Any] = {"debounce": 0.02, "backoffs": (0.1, 0.2, 0.5), **kwargs}
+        options: dict[str, Any] = {"debounce": 0.02, "backoffs": (0.1, 0.2, 0.5), "agent_namespace": AGENTLAT_NS,
+                                   **kwargs}
         ctl = controller.Controller(kube_client(AGENTLAT_NS, "agentlat-controller"), metrics, **options)
         settings = controller.settings(priority=100)
         settings.networking.error_backoffs = [0.1, 0.2, 0.5]

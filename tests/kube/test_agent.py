@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import pathlib
 import urllib.error
 import urllib.request
@@ -18,7 +19,7 @@ import pytest
 from agentlat.operator.core import engine
 from agentlat.operator.daemon import metrics
 from agentlat.operator.daemon import node as daemon
-from agentlat.operator.kube import agent, profiles
+from agentlat.operator.kube import agent, heartbeat, profiles
 from agentlat.operator.kube import client as _kube
 from agentlat.operator.model import errors, plan, policy
 from tests.fakeapi import apiserver
@@ -277,3 +278,20 @@ def test_agent_exits_when_its_daemon_cannot_run(
         assert second.agent.health() == (False, "the node daemon has stopped")
     finally:
         second.daemon.close()
+
+
+def test_the_agent_heartbeats_with_a_lease_in_its_namespace(
+    kube_apiserver: apiserver.ApiServer, start_node: Callable[..., Node]
+) -> None:
+    server = kube_apiserver
+    start_node("n1", {}, heartbeat_interval=0.1, lease_seconds=7)
+    name = heartbeat.lease_name("n1")
+    first = server.wait_for(lambda: server.get_object("leases", name, "coordination.k8s.io", NS), 15, "no lease")
+    assert first["spec"]["holderIdentity"] == "n1" and first["spec"]["leaseDurationSeconds"] == 7
+    assert first["metadata"]["labels"] == heartbeat.LABELS
+    server.wait_for(lambda: (server.get_object("leases", name, "coordination.k8s.io", NS) or {})["spec"]["renewTime"]
+                    != first["spec"]["renewTime"], 15, "lease not renewed")
+    coordination = kubernetes.client.CoordinationV1Api(server.api_client())
+    assert set(heartbeat.live_nodes(coordination, NS, datetime.datetime.now(datetime.UTC))) == {"n1"}
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)
+    assert heartbeat.live_nodes(coordination, NS, later) == {}

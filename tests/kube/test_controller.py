@@ -6,6 +6,7 @@ The node agents are played by the test here (status writes as ``agentlat-agent``
 
 from __future__ import annotations
 
+import datetime
 import io
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import kubernetes.client
 import pytest
 
-from agentlat.operator.kube import controller, profiles, uninstall
+from agentlat.operator.kube import controller, heartbeat, profiles, uninstall
 from tests.fakeapi import apiserver
 
 pytestmark = pytest.mark.kube
@@ -210,6 +211,73 @@ def test_unselected_node_profile_is_held_until_its_agent_reverts(
     report(agent, server, "n1", Reverted=True)
     assert uninstall.wait(hook, timeout=15, interval=0.05, out=out, err=err) == uninstall.EXIT_OK
     assert out.getvalue().splitlines()[-1] == "all 1 node(s) reverted"  # n2 was gone before this run
+
+
+def beat(server: apiserver.ApiServer, node_name: str, ago: float = 0.0) -> None:
+    """Play node ``node_name``'s agent heartbeat: its 60 s lease, renewed ``ago`` seconds ago."""
+    api = kubernetes.client.CoordinationV1Api(server.api_client(NS, "agentlat-agent"))
+    renewed = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)
+    heartbeat.renew(api, NS, node_name, 60, renewed)
+
+
+def test_a_profile_on_a_node_with_no_live_agent_is_released_after_the_grace(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: n1's profile stayed Terminating forever and q never reached n1.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    beat(server, "n2")  # n2 has a live (if slow) agent; n1 has none at all
+    ctl = agentlat_controller(agent_grace=1.0)
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+    admin.delete_cluster_custom_object(G, V, POLICIES, "p")
+    server.wait_for(lambda: profile(server, "n1") is None, 15, "profile on an agentless node never released")
+    server.wait_for(lambda: server.events(reason="AgentAbsent", involved_name="n1"), 15, "release not reported")
+    [event] = server.events(reason="AgentAbsent", involved_name="n1")
+    assert event["type"] == "Warning" and "no live agent on node n1 for 1s" in event["message"]
+    assert metric(ctl, "agentlat_controller_abandoned_profiles_total") == 1
+    held = profile(server, "n2")  # its agent is alive: it is waited for, however long
+    assert held is not None and held["metadata"]["finalizers"] == [profiles.REVERT_FINALIZER]
+    report(agent, server, "n2", Reverted=True)
+    server.wait_for(lambda: profile(server, "n2") is None, 15)
+
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("q"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15, "no new profiles after release")
+    assert not server.events(reason="AgentAbsent", involved_name="n2")
+
+
+def test_uninstall_wait_does_not_wait_for_nodes_without_a_live_agent(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: ClientFactory,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old uninstall-wait: it timed out naming n1.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    beat(server, "n2")
+    beat(server, "n3", ago=61)  # an agent that has died: its lease has expired
+    server.put_object(node("n3"))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: all(profile(server, n) for n in ("n1", "n2", "n3")), 15)
+    hook = kube_client(NS, "agentlat-uninstall")
+    out, err = io.StringIO(), io.StringIO()
+    assert uninstall.wait(hook, timeout=0.5, interval=0.1, out=out, err=err, namespace=NS) == uninstall.EXIT_TIMEOUT
+    assert "1 node(s) did not revert: n2 (" in err.getvalue()
+    report(agent, server, "n2", Reverted=True)
+    out = io.StringIO()
+    assert uninstall.wait(hook, timeout=15, interval=0.05, out=out, err=err, namespace=NS) == uninstall.EXIT_OK
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "all 1 node(s) reverted; 2 without a live agent not reverted"
+    assert [line.split(":")[0] for line in lines if line.startswith("not waiting")] == [
+        "not waiting for n1", "not waiting for n3"]
 
 
 def test_deleted_node_releases_its_profile(

@@ -79,7 +79,8 @@ class Node:
         self.daemon = daemon.NodeDaemon(root, state, metrics=metrics.Metrics(registry), source=SilentSource,
                                         options=daemon.Options(verify_interval=3600, irq_interval=3600))
         settings: dict[str, Any] = {"status_interval": 0.05, "settle": 0.0, "backoffs": (0.05, 0.1, 0.2),
-                                    "watch_timeout": 30, "liveness_window": 60.0, **options}
+                                    "watch_timeout": 30, "liveness_window": 60.0, "namespace": NS,
+                                    "heartbeat_interval": 0.5, **options}
         self.agent = agent.Agent(api, name, self.daemon, registry, **settings)
         self.ctx = context.Context(f"agent-{name}")
         self.thread = threading.Thread(target=self.agent.run, args=(self.ctx,), name=f"agent-{name}", daemon=True)
@@ -234,7 +235,10 @@ def test_policy_lifecycle_across_controller_and_two_agents(
     ours = [r for r in server.requests if r.user.startswith(f"system:serviceaccount:{NS}:")]
     agent_writes = {(r.verb, r.resource, r.subresource, r.name) for r in ours
                     if r.user.endswith(":agentlat-agent") and r.verb not in ("get", "list", "watch")}
-    assert agent_writes == {("patch", PROFILES, "status", "node-a")}
+    heartbeats = {w for w in agent_writes if w[1] == "leases"}
+    assert agent_writes - heartbeats == {("patch", PROFILES, "status", "node-a")}
+    assert {name for _verb, _resource, _sub, name in heartbeats} <= {
+        "", "agentlat-agent-node-a", "agentlat-agent-node-b"}  # "": the create
     fallback = rbac.Authorizer(rbac.load_documents(RBAC_RULES))
     for r in ours:
         attrs = rbac.Attributes(r.verb, r.api_group, r.resource, r.subresource, r.namespace, r.name)
