@@ -177,8 +177,8 @@ def selection(chosen: policy.Policy, pods: Mapping[str, Mapping[str, Json]]) -> 
         uids = []
         for pod in pods.values():
             meta = pod.get("metadata") or {}
-            if (pod.get("status") or {}).get("phase") in DONE_PHASES:
-                continue
+            if (pod.get("status") or {}).get("phase") in DONE_PHASES or meta.get("deletionTimestamp"):
+                continue  # finished, or terminating: its processes are on their way out
             if selector.namespaces and meta.get("namespace") not in selector.namespaces:
                 continue
             labels = meta.get("labels") or {}
@@ -467,8 +467,11 @@ class Agent:
         if only_measurements and self._clock() - self._written_at < self.measurements_interval:
             return
         try:
+            # A JSON merge patch: keys the new status no longer has (appliedGeneration after a revert) are
+            # removed with explicit nulls, not left behind.
+            gone = {key: None for key in previous if key not in status}
             self._custom.patch_cluster_custom_object_status(profiles.GROUP, profiles.VERSION, profiles.PLURAL,
-                                                            self.node, {"status": status})
+                                                            self.node, {"status": {**status, **gone}})
         except kubernetes.client.ApiException as exc:
             self.metrics.status_writes.labels("error" if exc.status != 404 else "gone").inc()
             if exc.status != 404:

@@ -378,6 +378,10 @@ class Controller:
         self._last_valid: dict[str, policy.Policy] = {}  # policy uid -> its newest valid generation
         self._dirty = False
         self._running = False
+        # Policies as last listed, kept current by their watch events; relisted only when a policy itself
+        # changed (a create, delete or spec edit), never for a status write, ours or a profile's.
+        self._policies: dict[str, dict[str, Json]] = {}
+        self._relist = True
 
     def registry(self) -> kopf.OperatorRegistry:
         registry = kopf.OperatorRegistry()
@@ -394,10 +398,13 @@ class Controller:
             return {name: raw}
 
         @kopf.on.event(group, version, profiles.POLICY_PLURAL, id="policy_event", registry=registry)
-        async def policy_event(type: str | None, name: str, uid: str, meta: kopf.Meta, **kwargs: Any) -> None:
+        async def policy_event(type: str | None, name: str, uid: str, meta: kopf.Meta, body: kopf.Body,
+                               **kwargs: Any) -> None:
             seen = (uid, int(meta.get("generation") or 0))
             if type != "DELETED" and self._seen_policies.get(name) == seen:
-                return  # our own status write
+                self._policies[name] = _plain(body)  # our own status write: no relist, no pass
+                return
+            self._relist = True
             await self._trigger(kwargs)
 
         @kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)
@@ -440,8 +447,15 @@ class Controller:
 
     async def reconcile(self) -> None:
         self.metrics.reconciles.inc()
-        listed = await asyncio.to_thread(self._list_policies)
-        parsed = [self._parse(body) for body in listed]
+        if self._relist:
+            self._relist = False
+            try:
+                listed = await asyncio.to_thread(self._list_policies)
+            except Exception:
+                self._relist = True
+                raise
+            self._policies = {str(body["metadata"]["name"]): body for body in listed}
+        parsed = [self._parse(body) for body in self._policies.values()]
         live = {(str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
         self._parsed = {key: value for key, value in self._parsed.items() if key in live}
         self._last_valid = {uid: chosen for uid, chosen in self._last_valid.items() if uid in {u for u, _ in live}}
@@ -604,8 +618,21 @@ class Controller:
             profiles.GROUP, profiles.VERSION, profiles.PLURAL, body))
 
     def _write_status(self, name: str, status: Mapping[str, Json]) -> None:
-        _ignore(404, lambda: self._custom.patch_cluster_custom_object_status(
-            profiles.GROUP, profiles.VERSION, profiles.POLICY_PLURAL, name, {"status": dict(status)}))
+        try:
+            written = self._custom.patch_cluster_custom_object_status(
+                profiles.GROUP, profiles.VERSION, profiles.POLICY_PLURAL, name, {"status": dict(status)})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        if isinstance(written, dict) and name in self._policies:
+            self._policies[name] = _plain(written)
+
+
+def _plain(body: Mapping[str, Json]) -> dict[str, Json]:
+    raw = copy.deepcopy(dict(body))
+    raw.get("metadata", {}).pop("managedFields", None)
+    return raw
 
 
 def _latest(index: Mapping[str, Iterable[Any]] | None) -> dict[str, Any]:

@@ -295,3 +295,58 @@ def test_the_agent_heartbeats_with_a_lease_in_its_namespace(
     assert set(heartbeat.live_nodes(coordination, NS, datetime.datetime.now(datetime.UTC))) == {"n1"}
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)
     assert heartbeat.live_nodes(coordination, NS, later) == {}
+
+
+def test_terminating_pods_are_not_selected() -> None:
+    # Fails on the old agent: a pod with a deletionTimestamp stayed selected until it was gone.
+    chosen = policy.from_object({"apiVersion": policy.API_VERSION, "kind": policy.KIND, "metadata": {"name": "p"},
+                                 "spec": {"workloads": [{"name": "a", "podSelector": {"matchLabels": {"app": "a"}}}]}})
+    live = {"metadata": {"uid": "1", "namespace": "x", "labels": {"app": "a"}}, "status": {"phase": "Running"}}
+    going = copy.deepcopy(live)
+    going["metadata"].update(uid="2", deletionTimestamp="2025-01-01T00:00:00Z")
+    found = agent.selection(chosen, {"1": live, "2": going})
+    assert found is not None and dict(found.pods) == {"a": ("1",)}
+
+
+def test_a_terminating_pod_is_released_in_the_cluster(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, start_node: Callable[..., Node]
+) -> None:
+    server = kube_apiserver
+    start_node("n1", {})
+    spec = {"workloads": [{"name": "agents", "latencyClass": "agent-interactive",
+                           "podSelector": {"matchLabels": {"app": "agent"}}, "nice": -5}]}
+    mine = server.put_object({"apiVersion": "v1", "kind": "Pod",
+                              "metadata": {"name": "a", "namespace": "default", "labels": {"app": "agent"},
+                                           "finalizers": ["example.com/hold"]},
+                              "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+                              "status": {"phase": "Running"}})
+    admin.create_cluster_custom_object(G, V, PROFILES, profile_body("n1", **spec))
+
+    def skipped() -> list[str]:
+        return [s["reason"] for s in (profile(server, "n1").get("status") or {}).get("skipped", [])
+                if s["target"] == "workload/agents"]
+
+    uid = mine["metadata"]["uid"]
+    server.wait_for(lambda: skipped() == [f"workload agents: no running process matches pods {uid}"], 15)
+    kubernetes.client.CoreV1Api(server.api_client()).delete_namespaced_pod("a", "default")
+    assert (server.get_object("pods", "a", "", "default") or {})["metadata"]["deletionTimestamp"]
+    server.wait_for(lambda: skipped() == ["workload agents: no pod on this node matches podSelector"], 15,
+                    "the terminating pod stayed selected")
+
+
+def test_a_reverted_profile_no_longer_shows_its_applied_generation(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, start_node: Callable[..., Node]
+) -> None:
+    # Fails on the old agent: its merge patch left appliedGeneration (and policy) behind after the revert.
+    server = kube_apiserver
+    start_node("n1", {})
+    body = profile_body("n1", agentCpus="1")
+    body["metadata"]["finalizers"] = [profiles.REVERT_FINALIZER]
+    admin.create_cluster_custom_object(G, V, PROFILES, body)
+    server.wait_for(lambda: applied(server, "n1", 1), 15)
+    assert profile(server, "n1")["status"]["appliedGeneration"] == 1
+    admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
+    server.wait_for(lambda: condition(profile(server, "n1"), "Reverted").get("status") == "True", 15)
+    status = profile(server, "n1")["status"]
+    assert "appliedGeneration" not in status and "policy" not in status
+    admin.patch_cluster_custom_object(G, V, PROFILES, "n1", {"metadata": {"finalizers": []}})

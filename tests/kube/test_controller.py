@@ -280,6 +280,37 @@ def test_uninstall_wait_does_not_wait_for_nodes_without_a_live_agent(
         "not waiting for n1", "not waiting for n3"]
 
 
+def test_status_writes_do_not_relist_policies(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: every profile status write made it LIST every policy.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+
+    def policy_lists() -> int:
+        return sum(1 for r in server.requests if r.user.endswith(":agentlat-controller") and r.verb == "list"
+                   and r.resource == POLICIES)
+
+    before = policy_lists()
+    for round_ in range(5):
+        for name in ("n1", "n2"):
+            report(agent, server, name, Applied=True, Degraded=False, Drifted=bool(round_ % 2))
+    server.wait_for(lambda: status_of(server, "p").get("appliedNodes") == 2
+                    and status_of(server, "p").get("driftedNodes") == 0, 15)
+    assert policy_lists() == before
+    # A policy edit still relists (and is applied).
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"agentCpus": "1"}})
+    server.wait_for(lambda: profiles.sources(profile(server, "n1") or {}).get("p") == 2, 15)
+    assert policy_lists() > before
+
+
 def test_deleted_node_releases_its_profile(
     kube_apiserver: apiserver.ApiServer,
     kube_client: ClientFactory,
