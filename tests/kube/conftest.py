@@ -43,6 +43,20 @@ def project_rbac_documents() -> list[dict[str, Any]]:
     return render.rbac_documents()
 
 
+def project_admission_documents() -> list[dict[str, Any]]:
+    """The chart's ValidatingAdmissionPolicies and bindings (none where the chart cannot be rendered)."""
+    try:
+        from tests.chart import render
+    except ImportError:
+        return []
+    return [d for d in render.documents() if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+@pytest.fixture
+def kube_seed_documents() -> list[dict[str, Any]]:
+    return project_admission_documents()
+
+
 @pytest.fixture
 def kube_rbac_documents() -> list[dict[str, Any]]:
     return project_rbac_documents() + rbac.load_documents(TESTDATA / "test-rbac.yaml")

@@ -178,7 +178,7 @@ def test_restart_keeps_settings_and_a_profile_deleted_meanwhile_is_reverted(
     assert first.read(IRQ) == "0", "agent exit must keep the settings"
 
     # Restarted against the same profile: nothing to write.
-    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent")).start()
+    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1")).start()
     try:
         server.wait_for(lambda: second.daemon.snapshot().generation == 1, 15)
         assert second.daemon.snapshot().counts.get("Applied", 0) == 0
@@ -188,7 +188,7 @@ def test_restart_keeps_settings_and_a_profile_deleted_meanwhile_is_reverted(
 
     # The profile went away while no agent ran: the next agent reverts on start.
     admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
-    third = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent")).start()
+    third = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1")).start()
     try:
         server.wait_for(lambda: third.daemon.snapshot().condition("Applied").reason == "Reverted", 15)
     finally:
@@ -271,7 +271,7 @@ def test_agent_exits_when_its_daemon_cannot_run(
 ) -> None:
     first = start_node("n1", {})
     kube_apiserver.wait_for(lambda: first.agent.profile_watch.lists >= 1, 15)
-    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent"))  # the same state dir
+    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1"))  # the same state dir
     try:
         with pytest.raises(RuntimeError, match="the node daemon failed: another agentlat apply"):
             second.agent.run(second.ctx)
@@ -350,3 +350,36 @@ def test_a_reverted_profile_no_longer_shows_its_applied_generation(
     status = profile(server, "n1")["status"]
     assert "appliedGeneration" not in status and "policy" not in status
     admin.patch_cluster_custom_object(G, V, PROFILES, "n1", {"metadata": {"finalizers": []}})
+
+
+def test_an_agent_can_write_only_its_own_nodes_profile_status_and_lease(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, kube_client: ClientFactory
+) -> None:
+    # The chart's ValidatingAdmissionPolicy, enforced by the harness; RBAC alone allowed all of this.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        admin.create_cluster_custom_object(G, V, PROFILES, profile_body(name))
+    status = {"status": {"observedGeneration": 1, "conditions": []}}
+    n1 = kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent", "n1"))
+    n1.patch_cluster_custom_object_status(G, V, PROFILES, "n1", status)
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        n1.patch_cluster_custom_object_status(G, V, PROFILES, "n2", status)
+    assert caught.value.status == 403
+    assert ("ValidatingAdmissionPolicy 'agentlat-agent-own-node' with binding 'agentlat-agent-own-node' denied "
+            "request: an agent may write only its own node's profile status and heartbeat lease; n2 is not n1's"
+            ) in str(caught.value.body)
+    unbound = kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent"))
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        unbound.patch_cluster_custom_object_status(G, V, PROFILES, "n1", status)
+    assert caught.value.status == 403 and "n1 is not bound to a node" in str(caught.value.body)
+    assert (server.get_object(PROFILES, "n2", G) or {}).get("status") is None
+
+    now = datetime.datetime.now(datetime.UTC)
+    leases = kubernetes.client.CoordinationV1Api(kube_client(NS, "agentlat-agent", "n1"))
+    heartbeat.renew(leases, NS, "n1", 40, now)
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        heartbeat.renew(leases, NS, "n2", 40, now)
+    assert caught.value.status == 403
+    assert server.get_object("leases", heartbeat.lease_name("n2"), "coordination.k8s.io", NS) is None
+    # The admin (and the controller) are not agents: the policy does not apply to them.
+    admin.patch_cluster_custom_object_status(G, V, PROFILES, "n2", status)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kubernetes.client
 import pytest
@@ -38,9 +38,21 @@ def admin(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(kube_client())
 
 
+class NodeAgents:
+    """Plays every node's agent: each status write goes out with the token of the agent on that node."""
+
+    def __init__(self, kube_client: ClientFactory) -> None:
+        self._client = kube_client
+
+    def patch_cluster_custom_object_status(self, group: str, version: str, plural: str, name: str,
+                                           body: Any) -> Any:
+        api = kubernetes.client.CustomObjectsApi(self._client(NS, "agentlat-agent", name))
+        return api.patch_cluster_custom_object_status(group, version, plural, name, body)
+
+
 @pytest.fixture
 def agent(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent"))
+    return cast(kubernetes.client.CustomObjectsApi, NodeAgents(kube_client))
 
 
 def profile(server: apiserver.ApiServer, name: str) -> dict[str, Any] | None:
@@ -215,7 +227,7 @@ def test_unselected_node_profile_is_held_until_its_agent_reverts(
 
 def beat(server: apiserver.ApiServer, node_name: str, ago: float = 0.0) -> None:
     """Play node ``node_name``'s agent heartbeat: its 60 s lease, renewed ``ago`` seconds ago."""
-    api = kubernetes.client.CoordinationV1Api(server.api_client(NS, "agentlat-agent"))
+    api = kubernetes.client.CoordinationV1Api(server.api_client(NS, "agentlat-agent", node_name))
     renewed = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)
     heartbeat.renew(api, NS, node_name, 60, renewed)
 

@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -111,7 +112,7 @@ def start_node(
     def start(name: str, labels: dict[str, str], **options: Any) -> Node:
         kube_apiserver.put_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}})
         root = fixture_host("vm-2cpu").rename(tmp_path / f"host-{name}")
-        node = Node(name, root, tmp_path / f"state-{name}", kube_client(NS, "agentlat-agent"), **options)
+        node = Node(name, root, tmp_path / f"state-{name}", kube_client(NS, "agentlat-agent", name), **options)
         started.append(node.start())
         return node
 
@@ -239,6 +240,12 @@ def test_policy_lifecycle_across_controller_and_two_agents(
     assert agent_writes - heartbeats == {("patch", PROFILES, "status", "node-a")}
     assert {name for _verb, _resource, _sub, name in heartbeats} <= {
         "", "agentlat-agent-node-a", "agentlat-agent-node-b"}  # "": the create
+    # RBAC cannot narrow list/watch by field: the agents must ask for their node's pods and profile only.
+    for r in ours:
+        if r.user.endswith(":agentlat-agent") and r.verb in ("list", "watch") and r.resource in ("pods", PROFILES):
+            wanted = "spec.nodeName" if r.resource == "pods" else "metadata.name"
+            fields = urllib.parse.parse_qs(r.query).get("fieldSelector", [""])[0]
+            assert fields in (f"{wanted}=node-a", f"{wanted}=node-b"), r
     fallback = rbac.Authorizer(rbac.load_documents(RBAC_RULES))
     for r in ours:
         attrs = rbac.Attributes(r.verb, r.api_group, r.resource, r.subresource, r.namespace, r.name)
