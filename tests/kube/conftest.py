@@ -98,3 +98,22 @@ def agentlat_controller(
         return ctl
 
     return start
+
+
+# --- the suite's requests, for test_zz_rbac_usage.py --------------------------------------------------------
+
+SUITE_REQUESTS: list[apiserver.RequestRecord] = []
+SUITE_TESTS: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _record_suite_requests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request any harness serves during a tests/kube test lands in SUITE_REQUESTS as well."""
+    original = apiserver.ApiServer._record
+
+    def record(self: apiserver.ApiServer, entry: apiserver.RequestRecord) -> None:
+        SUITE_REQUESTS.append(entry)
+        original(self, entry)
+
+    monkeypatch.setattr(apiserver.ApiServer, "_record", record)
+    SUITE_TESTS.add(request.node.nodeid)
