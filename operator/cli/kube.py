@@ -33,6 +33,11 @@ def configure_controller(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--standalone", action="store_true", help="no peering: for a single replica only")
     parser.add_argument("--liveness", default=None, metavar="URL",
                         help="Kopf health endpoint, e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--agent-namespace", default=None, metavar="NS",
+                        help="namespace of the agents' heartbeat leases (default: this pod's or the kubeconfig's)")
+    parser.add_argument("--agent-grace", type=float, default=controller.AGENT_GRACE, metavar="S",
+                        help="release a deleted profile unreverted after S seconds with no live agent on its node "
+                             f"(default {controller.AGENT_GRACE:g})")
     _service_args(parser, metrics_port=9090)
 
 
@@ -53,6 +58,8 @@ def configure_agent(parser: argparse.ArgumentParser) -> None:
                         help="unhealthy when the profile watch heard nothing for S seconds (default 300)")
     parser.add_argument("--watch-timeout", type=int, default=240, metavar="S",
                         help="ask the server to end each watch after S seconds (default 240; then it resumes)")
+    parser.add_argument("--namespace", default=None, metavar="NS",
+                        help="namespace of this node's heartbeat lease (default: this pod's or the kubeconfig's)")
     _service_args(parser, metrics_port=9180)
 
 
@@ -65,6 +72,9 @@ def configure_uninstall_wait(parser: argparse.ArgumentParser) -> None:
 """, cmd_uninstall_wait)
     parser.add_argument("--timeout", type=float, default=240.0, metavar="S", help="give up after S seconds (240)")
     parser.add_argument("--interval", type=float, default=2.0, metavar="S", help="poll every S seconds (2)")
+    parser.add_argument("--namespace", default=None, metavar="NS",
+                        help="namespace of the agents' heartbeat leases: nodes with no live agent are not waited for "
+                             "(default: this pod's or the kubeconfig's)")
     common.kubeconfig_arg(parser)
 
 
@@ -99,7 +109,8 @@ def cmd_controller(args: argparse.Namespace) -> int:
     metrics = controller.Metrics(registry)
     if args.metrics_port:
         client.serve_metrics(registry, args.metrics_port)
-    reconciler = controller.Controller(api, metrics)
+    reconciler = controller.Controller(api, metrics, agent_grace=args.agent_grace,
+                                       agent_namespace=args.agent_namespace or client.namespace(args.kubeconfig))
     kopf_registry = reconciler.registry()
     kopf.on.login(registry=kopf_registry)(client.kopf_login(args.kubeconfig))
     chosen = controller.settings(args.peering_priority)
@@ -117,6 +128,9 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from agentlat.operator.kube import agent, client
     from agentlat.operator.model import errors
 
+    namespace = args.namespace or client.namespace(args.kubeconfig)
+    if not namespace:
+        raise errors.single("agentlat agent", "--namespace", "required (or set $POD_NAMESPACE)")
     if not args.node:
         raise errors.single("agentlat agent", "--node", "required (or set $NODE_NAME)")
     if args.watch_timeout <= 0 or args.liveness_window <= args.watch_timeout:
@@ -126,7 +140,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     registry = prometheus_client.CollectorRegistry()
     node_daemon = node.NodeDaemon(args.root, args.state, metrics=metrics.Metrics(registry))
     worker = agent.Agent(api, args.node, node_daemon, registry,
-                         liveness_window=args.liveness_window, watch_timeout=args.watch_timeout)
+                         liveness_window=args.liveness_window, watch_timeout=args.watch_timeout, namespace=namespace)
     if args.metrics_port:
         client.serve_metrics(registry, args.metrics_port)
     health = None
@@ -189,5 +203,6 @@ def cmd_uninstall_wait(args: argparse.Namespace) -> int:
     from agentlat.operator.kube import client, uninstall
 
     with client.api_client(args.kubeconfig) as api:
-        return uninstall.wait(api, args.timeout, args.interval)
+        return uninstall.wait(api, args.timeout, args.interval,
+                              namespace=args.namespace or client.namespace(args.kubeconfig))
 

@@ -36,7 +36,7 @@ import prometheus_client
 from agentlat.operator.core import context, journal
 from agentlat.operator.daemon import node as daemon
 from agentlat.operator.kube import client as _kube
-from agentlat.operator.kube import profiles
+from agentlat.operator.kube import heartbeat, profiles
 from agentlat.operator.model import errors, policy, workloads
 
 logger = logging.getLogger(__name__)
@@ -171,8 +171,8 @@ def selection(chosen: policy.Policy, pods: Mapping[str, Mapping[str, Json]]) -> 
         uids = []
         for pod in pods.values():
             meta = pod.get("metadata") or {}
-            if (pod.get("status") or {}).get("phase") in DONE_PHASES:
-                continue
+            if (pod.get("status") or {}).get("phase") in DONE_PHASES or meta.get("deletionTimestamp"):
+                continue  # finished, or terminating: its processes are on their way out
             if selector.namespaces and meta.get("namespace") not in selector.namespaces:
                 continue
             labels = meta.get("labels") or {}
@@ -272,8 +272,12 @@ class Agent:
                  watch_timeout: int = 240, status_interval: float = 1.0, settle: float = 0.05,
                  measurements_interval: float = 60.0,
                  backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], datetime.datetime] | None = None) -> None:
+                 wall_clock: Callable[[], datetime.datetime] | None = None, namespace: str | None = None,
+                 heartbeat_interval: float = 10.0, lease_seconds: int = heartbeat.DEFAULT_SECONDS) -> None:
         self.node = node
+        self.namespace = namespace  # of the heartbeat lease; None: no heartbeat
+        self.heartbeat_interval = heartbeat_interval
+        self.lease_seconds = lease_seconds
         self.daemon = node_daemon
         self.metrics = AgentMetrics(registry)
         self.liveness_window = liveness_window
@@ -282,6 +286,7 @@ class Agent:
         self.measurements_interval = measurements_interval
         self._custom = kubernetes.client.CustomObjectsApi(api)
         self._core = kubernetes.client.CoreV1Api(api)
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
         self._clock = clock
         self._wall = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._changed = threading.Condition()
@@ -380,6 +385,9 @@ class Agent:
                     threading.Thread(target=self.pod_watch.run, args=(ctx.child("pod-watch"),),
                                      name="agentlat-pod-watch", daemon=True),
                 ]
+                if self.namespace is not None:
+                    threads.append(threading.Thread(target=self._heartbeat, args=(ctx.child("heartbeat"),),
+                                                    name="agentlat-heartbeat", daemon=True))
                 for thread in threads[1:]:
                     thread.start()
                 self._loop(ctx)
@@ -428,6 +436,16 @@ class Agent:
         with self._changed:
             self._daemon_failure = exc
             self._changed.notify_all()
+
+    def _heartbeat(self, ctx: context.Context) -> None:
+        """Renew this node's lease (heartbeat.py) every interval; failures are retried at the next one."""
+        assert self.namespace is not None
+        while not ctx.is_stopped():
+            try:
+                heartbeat.renew(self._coordination, self.namespace, self.node, self.lease_seconds, self._wall())
+            except Exception as exc:  # API errors and outages alike: the lease simply ages
+                logger.warning("heartbeat lease renewal failed: %s", exc)
+            ctx.wait_stopped(self.heartbeat_interval)
 
     def _wake(self) -> None:
         with self._changed:
@@ -486,6 +504,8 @@ class Agent:
         if only_measurements and self._clock() - self._written_at < self.measurements_interval:
             return
         try:
+            # A JSON merge patch: keys the new status no longer has (appliedGeneration after a revert) are
+            # removed with explicit nulls, not left behind.
             self._custom.patch_cluster_custom_object_status(profiles.GROUP, profiles.VERSION, profiles.PLURAL,
                                                             self.node, {"status": replacing(previous, status)})
         except kubernetes.client.ApiException as exc:

@@ -17,6 +17,9 @@ import yaml
 
 from agentlat.operator.model import errors
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
 
 def configuration(kubeconfig: str | None = None) -> kubernetes.client.Configuration:
     """In a pod: the ServiceAccount (token refreshed by the client); else ``--kubeconfig``/$KUBECONFIG.
@@ -56,6 +59,25 @@ def _missing(source: str, files: list[str]) -> str:
         return f"none of {', '.join(files)} exists"
     hint = "" if source else ", and this is not a pod: pass --kubeconfig FILE or set $KUBECONFIG"
     return f"{files[0]}: no such file{hint}"
+
+
+def namespace(kubeconfig: str | None = None) -> str | None:
+    """This pod's namespace ($POD_NAMESPACE, or the ServiceAccount's), else the kubeconfig context's."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(SA_NAMESPACE, encoding="utf-8") as stream:
+                return stream.read().strip() or None
+        except OSError:
+            return None
+    try:
+        _contexts, current = kubernetes.config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig or os.environ.get("KUBECONFIG") or None)
+    except (kubernetes.config.ConfigException, OSError):
+        return None
+    found = (current or {}).get("context", {}).get("namespace")
+    return str(found) if found else None
 
 
 def api_client(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:

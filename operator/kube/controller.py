@@ -29,7 +29,7 @@ import dataclasses
 import datetime
 import logging
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from typing import Any, cast
 
 import kopf
@@ -37,7 +37,7 @@ import kubernetes.client
 import prometheus_client
 
 from agentlat.operator.kube import client as _kube
-from agentlat.operator.kube import profiles
+from agentlat.operator.kube import heartbeat, profiles
 from agentlat.operator.model import errors, policy
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ Json = Any
 KOPF_FINALIZER = "agentlat.io/kopf"
 KOPF_PREFIX = "agentlat.io"
 DEFAULT_PEERING = "agentlat"
+AGENT_GRACE = 120.0
 MAX_LISTED_NODES = 5
 BACKOFFS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 WRITE_CONCURRENCY = 8
@@ -67,6 +68,9 @@ class Metrics:
             "agentlat_controller_reconciles", "Reconcile passes.", registry=registry)
         self.reconcile_errors = prometheus_client.Counter(
             "agentlat_controller_reconcile_errors", "Reconcile passes or API writes that failed.", registry=registry)
+        self.abandoned = prometheus_client.Counter(
+            "agentlat_controller_abandoned_profiles", "Profiles released without a revert: no live agent on the node.",
+            registry=registry)
         self.writes = prometheus_client.Counter(
             "agentlat_controller_writes", "API writes, by kind.", ["kind"], registry=registry)
 
@@ -85,6 +89,12 @@ class ParsedPolicy:
     body: Mapping[str, Json]
     chosen: policy.Policy | None
     problem: str | None  # why the spec cannot be used (chosen is None)
+    # An invalid edit of a policy that was valid before: its nodes stay on this, its last valid generation.
+    fallback: policy.Policy | None = None
+
+    @property
+    def effective(self) -> policy.Policy | None:
+        return self.chosen if self.chosen is not None else self.fallback
 
     @property
     def name(self) -> str:
@@ -104,6 +114,7 @@ class ProfileOp:
     spec: Mapping[str, Json] | None = None
     uid: str = ""  # the Node's uid, for the ownerReference
     profile: Mapping[str, Json] | None = None  # the profile as last seen
+    abandoned: bool = False  # released without a revert: the node has had no live agent for the grace period
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +140,23 @@ def parse(body: Mapping[str, Json]) -> ParsedPolicy:
 
 
 def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing: Mapping[str, Mapping[str, Json]],
-           now: str) -> Decision:
-    valid = [p for p in policies if p.chosen is not None]
+           now: str, abandoned: Set[str] = frozenset()) -> Decision:
+    usable = [p for p in policies if p.effective is not None]
+    # Invalid with no last valid generation known (the controller restarted since): the nodes whose profile
+    # it is a source of keep that profile untouched.
+    frozen = {p.name for p in policies if p.effective is None}
     selected: dict[str, list[policy.Policy]] = {}
     matched: dict[str, list[str]] = {p.name: [] for p in policies}
     for node in sorted(nodes.values(), key=lambda n: n.name):
-        for parsed in valid:
-            assert parsed.chosen is not None
-            if profiles.selects(parsed.chosen.node_selector, node.labels):
-                selected.setdefault(node.name, []).append(parsed.chosen)
+        for parsed in usable:
+            assert parsed.effective is not None
+            if profiles.selects(parsed.effective.node_selector, node.labels):
+                selected.setdefault(node.name, []).append(parsed.effective)
                 matched[parsed.name].append(node.name)
-    ops = _profile_ops(selected, nodes, existing)
+    held = _held_by(frozen, existing) if frozen else {}
+    for name, nodes_held in held.items():
+        matched[name] = nodes_held
+    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
     conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
     for node_name, chosen in selected.items():
         for conflict in profiles.conflicts(chosen):
@@ -155,16 +172,31 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
     return Decision(tuple(ops), statuses, tuple(warnings), _node_states(existing))
 
 
+def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> dict[str, list[str]]:
+    """Frozen policy -> the nodes whose live profile it is a source of."""
+    held: dict[str, list[str]] = {name: [] for name in frozen}
+    for node, profile in sorted(existing.items()):
+        if not profiles.deleting(profile):
+            for name in frozen & set(profiles.sources(profile)):
+                held[name].append(node)
+    return held
+
+
 def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
-                 existing: Mapping[str, Mapping[str, Json]]) -> list[ProfileOp]:
+                 existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset(),
+                 abandoned: Set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
         node = nodes.get(name)
         chosen = selected.get(name)
+        if node is not None and name in frozen:
+            continue
         if profile is not None and profiles.deleting(profile):
-            held = profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ())
-            if held and (node is None or profiles.is_true(profile, "Reverted")):
+            if awaiting_revert(profile, node is not None) and name in abandoned:
+                ops.append(ProfileOp("release", name, profile=profile, abandoned=True))
+            elif profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ()) and (
+                    node is None or profiles.is_true(profile, "Reverted")):
                 ops.append(ProfileOp("release", name, profile=profile))
             continue  # a new profile, if wanted, once this one is gone
         if node is None or not chosen:
@@ -180,16 +212,24 @@ def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping
     return ops
 
 
+def awaiting_revert(profile: Mapping[str, Json], node_exists: bool = True) -> bool:
+    """Deleting, held by the revert finalizer, on a live Node, and its agent has not reported Reverted."""
+    return (node_exists and profiles.deleting(profile) and not profiles.is_true(profile, "Reverted")
+            and profiles.REVERT_FINALIZER in (profile["metadata"].get("finalizers") or ()))
+
+
 def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mapping[str, Mapping[str, Json]],
                   conflicts: Sequence[tuple[profiles.Conflict, str]], old: Mapping[str, Json],
                   now: str) -> dict[str, Json]:
     generation = parsed.generation
+    # What the nodes run: the current generation, or the last valid one while the current is invalid.
+    wanted = parsed.effective.generation if parsed.effective is not None else None
     applied, degraded, drifted, waiting = [], [], [], []
     for node in matched:
         profile = existing.get(node)
         result = profiles.node_result(profile) if profile is not None else None
         fresh = (profile is not None and result is not None and result.current and not profiles.deleting(profile)
-                 and profiles.sources(profile).get(parsed.name) == generation)
+                 and profiles.sources(profile).get(parsed.name) in (wanted, generation))
         if not fresh or result is None:
             waiting.append(node)
             continue
@@ -217,10 +257,13 @@ def _conditions(parsed: ParsedPolicy, matched: Sequence[str], applied: Sequence[
                 degraded: Sequence[tuple[str, str]], waiting: Sequence[str],
                 conflicts: Sequence[tuple[profiles.Conflict, str]]) -> list[dict[str, str]]:
     if parsed.problem is not None:
-        return [_condition("Ready", False, "InvalidSpec", parsed.problem),
+        kept = (f"{len(matched)} node(s) keep generation {parsed.fallback.generation}"
+                if parsed.fallback is not None else f"{len(matched)} node(s) keep their current profile")
+        return [_condition("Ready", False, "InvalidSpec", f"{parsed.problem}; {kept}"),
                 _condition("Progressing", False, "InvalidSpec", "the spec cannot be used on any node"),
                 _condition("Degraded", True, "InvalidSpec", parsed.problem),
-                _condition("Conflicted", False, "NoConflict", "")]
+                _conflicted(conflicts),
+                _condition("Invalid", True, "InvalidSpec", parsed.problem)]
     total = len(matched)
     if not matched:
         ready = _condition("Ready", True, "NoMatchingNodes", "the nodeSelector selects no node")
@@ -313,9 +356,15 @@ def settings(priority: int | None = None) -> kopf.OperatorSettings:
 
 class Controller:
     def __init__(self, api: kubernetes.client.ApiClient, metrics: Metrics, *, debounce: float = 0.05,
-                 backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], datetime.datetime] | None = None) -> None:
+                 backoffs: Sequence[float] = BACKOFFS, clock: Callable[[], datetime.datetime] | None = None,
+                 agent_namespace: str | None = None, agent_grace: float = AGENT_GRACE) -> None:
         self._custom = kubernetes.client.CustomObjectsApi(api)
         self._core = kubernetes.client.CoreV1Api(api)
+        self._coordination = kubernetes.client.CoordinationV1Api(api)
+        self.agent_namespace = agent_namespace
+        self.agent_grace = agent_grace
+        self._wake: asyncio.TimerHandle | None = None
+        self._woken_task: asyncio.Future[None] | None = None
         self.metrics = metrics
         self.debounce = debounce
         self.backoffs = tuple(backoffs)
@@ -325,8 +374,13 @@ class Controller:
         self._seen_nodes: dict[str, tuple[str, dict[str, str]]] = {}
         self._seen_policies: dict[str, tuple[str, int]] = {}
         self._parsed: dict[tuple[str, int], ParsedPolicy] = {}
+        self._last_valid: dict[str, policy.Policy] = {}  # policy uid -> its newest valid generation
         self._dirty = False
         self._running = False
+        # Policies as last listed, kept current by their watch events; relisted only when a policy itself
+        # changed (a create, delete or spec edit), never for a status write, ours or a profile's.
+        self._policies: dict[str, dict[str, Json]] = {}
+        self._relist = True
 
     def registry(self) -> kopf.OperatorRegistry:
         registry = kopf.OperatorRegistry()
@@ -343,10 +397,13 @@ class Controller:
             return {name: raw}
 
         @kopf.on.event(group, version, profiles.POLICY_PLURAL, id="policy_event", registry=registry)
-        async def policy_event(type: str | None, name: str, uid: str, meta: kopf.Meta, **kwargs: Any) -> None:
+        async def policy_event(type: str | None, name: str, uid: str, meta: kopf.Meta, body: kopf.Body,
+                               **kwargs: Any) -> None:
             seen = (uid, int(meta.get("generation") or 0))
             if type != "DELETED" and self._seen_policies.get(name) == seen:
-                return  # our own status write
+                self._policies[name] = _plain(body)  # our own status write: no relist, no pass
+                return
+            self._relist = True
             await self._trigger(kwargs)
 
         @kopf.on.event("", "v1", "nodes", id="node_event", registry=registry)
@@ -389,15 +446,24 @@ class Controller:
 
     async def reconcile(self) -> None:
         self.metrics.reconciles.inc()
-        listed = await asyncio.to_thread(self._list_policies)
-        parsed = [self._parse(body) for body in listed]
+        if self._relist:
+            self._relist = False
+            try:
+                listed = await asyncio.to_thread(self._list_policies)
+            except Exception:
+                self._relist = True
+                raise
+            self._policies = {str(body["metadata"]["name"]): body for body in listed}
+        parsed = [self._parse(body) for body in self._policies.values()]
         live = {(str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
         self._parsed = {key: value for key, value in self._parsed.items() if key in live}
+        self._last_valid = {uid: chosen for uid, chosen in self._last_valid.items() if uid in {u for u, _ in live}}
         nodes = _latest(self._nodes)
         existing = _latest(self._profiles)
         self._seen_nodes = {name: (node.uid, dict(node.labels)) for name, node in nodes.items()}
         self._seen_policies = {p.name: (str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
-        decision = decide(parsed, nodes, existing, _kube.timestamp(self._clock()))
+        abandoned = await self._abandoned(nodes, existing)
+        decision = decide(parsed, nodes, existing, _kube.timestamp(self._clock()), abandoned)
         self.metrics.policies.set(len(parsed))
         self.metrics.invalid_policies.set(sum(p.chosen is None for p in parsed))
         self.metrics.profiles.set(len(existing))
@@ -407,8 +473,50 @@ class Controller:
         for warning in decision.warnings:
             body = kopf.Body(cast(kopf.RawBody, dict(warning.policy)))
             kopf.warn(body, reason=warning.reason, message=warning.message)
+        for op in decision.ops:
+            if op.abandoned:
+                self._report_abandoned(nodes[op.node])
         if failed:
             raise RuntimeError(f"{failed} API write(s) failed")
+
+    async def _abandoned(self, nodes: Mapping[str, Node], existing: Mapping[str, Mapping[str, Json]]) -> set[str]:
+        """Nodes whose profile has awaited its revert for the grace period with no live agent lease; a pass is
+        scheduled for when the others could become so."""
+        held = {name: heartbeat.parse_time(p["metadata"]["deletionTimestamp"]) for name, p in existing.items()
+                if awaiting_revert(p, name in nodes)}
+        if not held or self.agent_namespace is None:
+            return set()
+        now = self._clock()
+        grace = datetime.timedelta(seconds=self.agent_grace)
+        overdue = {name for name, since in held.items() if now - since >= grace}
+        wakes = [since + grace for name, since in held.items() if name not in overdue]
+        live: dict[str, datetime.datetime] = {}
+        if overdue:
+            live = await asyncio.to_thread(heartbeat.live_nodes, self._coordination, self.agent_namespace, now)
+            wakes += [live[name] for name in overdue if name in live]
+        if wakes:
+            self._schedule((min(wakes) - now).total_seconds() + 0.05)
+        return overdue - set(live)
+
+    def _schedule(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self._wake is not None and self._wake.when() <= loop.time() + delay:
+            return
+        if self._wake is not None:
+            self._wake.cancel()
+        self._wake = loop.call_later(max(0.0, delay), self._woken)
+
+    def _woken(self) -> None:
+        self._wake = None
+        self._woken_task = asyncio.ensure_future(self._trigger({}))
+
+    def _report_abandoned(self, node: Node) -> None:
+        self.metrics.abandoned.inc()
+        message = (f"no live agent on node {node.name} for {self.agent_grace:g}s: its profile was released "
+                   f"without a revert (the node keeps whatever its agent applied)")
+        logger.warning("%s", message)
+        body = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node.name, "uid": node.uid}}
+        kopf.warn(kopf.Body(cast(kopf.RawBody, body)), reason="AgentAbsent", message=message)
 
     def _parse(self, body: Mapping[str, Json]) -> ParsedPolicy:
         meta = body["metadata"]
@@ -416,6 +524,11 @@ class Controller:
         cached = self._parsed.get(key)
         if cached is None:
             cached = self._parsed[key] = parse(body)
+        last = self._last_valid.get(key[0])
+        if cached.chosen is not None and (last is None or last.generation <= cached.generation):
+            self._last_valid[key[0]] = cached.chosen
+        elif cached.chosen is None and last is not None:
+            return dataclasses.replace(cached, body=body, fallback=last)
         return dataclasses.replace(cached, body=body)
 
     def _list_policies(self) -> list[dict[str, Json]]:
@@ -504,8 +617,21 @@ class Controller:
             profiles.GROUP, profiles.VERSION, profiles.PLURAL, body))
 
     def _write_status(self, name: str, status: Mapping[str, Json]) -> None:
-        _ignore(404, lambda: self._custom.patch_cluster_custom_object_status(
-            profiles.GROUP, profiles.VERSION, profiles.POLICY_PLURAL, name, {"status": dict(status)}))
+        try:
+            written = self._custom.patch_cluster_custom_object_status(
+                profiles.GROUP, profiles.VERSION, profiles.POLICY_PLURAL, name, {"status": dict(status)})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+        if isinstance(written, dict) and name in self._policies:
+            self._policies[name] = _plain(written)
+
+
+def _plain(body: Mapping[str, Json]) -> dict[str, Json]:
+    raw = copy.deepcopy(dict(body))
+    raw.get("metadata", {}).pop("managedFields", None)
+    return raw
 
 
 def _latest(index: Mapping[str, Iterable[Any]] | None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ naming the nodes that are not (their agent is down, or reverting failed: see the
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any, TextIO
 
 import kubernetes.client
 
-from agentlat.operator.kube import profiles
+from agentlat.operator.kube import heartbeat, profiles
 
 EXIT_OK = 0
 EXIT_TIMEOUT = 1
@@ -25,10 +26,16 @@ EXIT_TIMEOUT = 1
 
 def wait(api: kubernetes.client.ApiClient, timeout: float, interval: float = 2.0, *,
          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-         out: TextIO | None = None, err: TextIO | None = None) -> int:
+         out: TextIO | None = None, err: TextIO | None = None, namespace: str | None = None,
+         wall_clock: Callable[[], datetime.datetime] | None = None) -> int:
+    """``namespace``: where the agents' heartbeat leases are; a node whose agent has none live is not waited
+    for (None: wait for every node)."""
     out = out or sys.stdout
     err = err or sys.stderr
+    wall = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
     custom = kubernetes.client.CustomObjectsApi(api)
+    coordination = kubernetes.client.CoordinationV1Api(api)
+    skipped: set[str] = set()
     deadline = clock() + timeout
     deleted: set[str] = set()
     nodes: set[str] = set()
@@ -47,6 +54,12 @@ def wait(api: kubernetes.client.ApiClient, timeout: float, interval: float = 2.0
             nodes |= {item["metadata"]["name"] for item in listed}
             pending = {item["metadata"]["name"]: _why(item) for item in listed
                        if not (profiles.deleting(item) and profiles.is_true(item, "Reverted"))}
+            agentless = _agentless(coordination, namespace, listed, wall()) if namespace and pending else set()
+            for node in sorted(agentless - skipped):
+                print(f"not waiting for {node}: no live agent (its heartbeat lease has expired or never existed); "
+                      "it is not reverted", file=out, flush=True)
+            skipped |= agentless
+            pending = {node: why for node, why in pending.items() if node not in agentless}
             problem = ""
         except kubernetes.client.ApiException as exc:
             if exc.status in (401, 403):  # wrong credentials or RBAC: waiting will not help
@@ -56,7 +69,8 @@ def wait(api: kubernetes.client.ApiClient, timeout: float, interval: float = 2.0
         except OSError as exc:  # urllib3 connection errors are OSErrors too
             problem = f"API unreachable: {exc}"
         if not problem and not pending:
-            print(f"all {len(nodes)} node(s) reverted", file=out, flush=True)
+            without = f"; {len(skipped)} without a live agent not reverted" if skipped else ""
+            print(f"all {len(nodes - skipped)} node(s) reverted{without}", file=out, flush=True)
             return EXIT_OK
         remaining = deadline - clock()
         if remaining <= 0:
@@ -82,6 +96,14 @@ def _list(custom: kubernetes.client.CustomObjectsApi, plural: str) -> list[dict[
         token = (page.get("metadata") or {}).get("continue")
         if not token:
             return items
+
+
+def _agentless(coordination: kubernetes.client.CoordinationV1Api, namespace: str, listed: list[dict[str, Any]],
+               now: datetime.datetime) -> set[str]:
+    """Profiles being deleted whose node has no live agent to revert them."""
+    waiting = {item["metadata"]["name"] for item in listed
+               if profiles.deleting(item) and not profiles.is_true(item, "Reverted")}
+    return waiting - set(heartbeat.live_nodes(coordination, namespace, now)) if waiting else set()
 
 
 def _delete_policy(custom: kubernetes.client.CustomObjectsApi, name: str) -> None:

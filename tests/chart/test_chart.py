@@ -353,7 +353,7 @@ def test_peering_object_crds_and_hooks(default_docs: list[dict[str, Any]]) -> No
 def test_uninstall_hook_deletes_policies_and_waits_for_revert(default_docs: list[dict[str, Any]]) -> None:
     hooks = [doc for doc in default_docs if render.hook_events(doc)]
     by_kind = {doc["kind"]: doc for doc in hooks if doc["kind"] != "ClusterKopfPeering"}
-    assert sorted(by_kind) == ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+    assert sorted(by_kind) == ["ClusterRole", "ClusterRoleBinding", "Job", "Role", "RoleBinding", "ServiceAccount"]
     weights = {}
     for kind, doc in by_kind.items():
         annotations = doc["metadata"]["annotations"]
@@ -361,6 +361,7 @@ def test_uninstall_hook_deletes_policies_and_waits_for_revert(default_docs: list
         assert set(annotations["helm.sh/hook-delete-policy"].split(",")) == {"before-hook-creation", "hook-succeeded"}
         weights[kind] = int(annotations["helm.sh/hook-weight"])
     assert weights["ServiceAccount"] < weights["Job"] and weights["ClusterRoleBinding"] < weights["Job"]
+    assert weights["Role"] < weights["Job"] and weights["RoleBinding"] < weights["Job"]
     job = by_kind["Job"]
     main = container(job)
     assert main["command"] == ["agentlat"] and main["args"] == ["uninstall-wait", "--timeout=240"]

@@ -29,29 +29,32 @@ Grant = tuple[str, str, str, str]  # (apiGroup, resource[/subresource], verb, re
 # The reviewed least-privilege sets. A change here is a change to what the operator may do in a cluster.
 EXPECTED: dict[str, set[Grant]] = {
     "agentlat-controller": {
-        *((GROUP, POLICIES, v, "") for v in ("get", "list", "watch", "patch")),
-        *((GROUP, f"{POLICIES}/status", v, "") for v in ("get", "patch")),
-        *(
-            (GROUP, "agentlatencynodeprofiles", v, "")
-            for v in ("get", "list", "watch", "create", "update", "patch", "delete")
-        ),
+        *((GROUP, POLICIES, v, "") for v in ("list", "watch")),
+        (GROUP, f"{POLICIES}/status", "patch", ""),
+        *((GROUP, "agentlatencynodeprofiles", v, "") for v in ("list", "watch", "create", "patch", "delete")),
         *(("", "nodes", v, "") for v in ("get", "list", "watch")),
-        *((g, "events", v, "") for g in ("", "events.k8s.io") for v in ("create", "patch")),
-        *(("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("get", "list", "watch")),
-        *(("", "namespaces", v, "") for v in ("list", "watch")),
-        *(("kopf.dev", "clusterkopfpeerings", v, "") for v in ("get", "list", "watch")),
+        ("", "events", "create", ""),
+        *(("apiextensions.k8s.io", "customresourcedefinitions", v, "") for v in ("list", "watch")),
+        *(("kopf.dev", "clusterkopfpeerings", v, "") for v in ("list", "watch")),
         ("kopf.dev", "clusterkopfpeerings", "patch", PEERING),
     },
     "agentlat-agent": {
-        *((GROUP, "agentlatencynodeprofiles", v, "") for v in ("get", "list", "watch")),
-        *((GROUP, "agentlatencynodeprofiles/status", v, "") for v in ("get", "patch", "update")),
-        *(("", "pods", v, "") for v in ("get", "list", "watch")),
-        ("", "events", "create", ""),
+        *((GROUP, "agentlatencynodeprofiles", v, "") for v in ("list", "watch")),
+        (GROUP, "agentlatencynodeprofiles/status", "patch", ""),
+        *(("", "pods", v, "") for v in ("list", "watch")),
     },
     "agentlat-uninstall": {
-        *((GROUP, POLICIES, v, "") for v in ("get", "list", "delete")),
-        *((GROUP, "agentlatencynodeprofiles", v, "") for v in ("get", "list", "watch")),
+        *((GROUP, POLICIES, v, "") for v in ("list", "delete")),
+        (GROUP, "agentlatencynodeprofiles", "list", ""),
     },
+}
+
+
+# Namespaced grants (Roles bound in the release namespace): account -> grants there.
+EXPECTED_IN_NAMESPACE: dict[str, set[Grant]] = {
+    "agentlat-agent": {("coordination.k8s.io", "leases", v, "") for v in ("create", "patch")},
+    "agentlat-controller": {("coordination.k8s.io", "leases", "list", "")},
+    "agentlat-uninstall": {("coordination.k8s.io", "leases", "list", "")},
 }
 
 
@@ -71,6 +74,18 @@ def chart_grants(docs: list[dict[str, Any]]) -> dict[str, set[Grant]]:
         for subject in binding["subjects"]:
             assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NS
             out.setdefault(subject["name"], set()).update(grants(roles[binding["roleRef"]["name"]]))
+    return out
+
+
+def chart_namespaced_grants(docs: list[dict[str, Any]]) -> dict[str, set[Grant]]:
+    roles = {(d["metadata"]["namespace"], d["metadata"]["name"]): d.get("rules") or [] for d in docs
+             if d["kind"] == "Role"}
+    out: dict[str, set[Grant]] = {}
+    for binding in (d for d in docs if d["kind"] == "RoleBinding"):
+        assert binding["metadata"]["namespace"] == NS and binding["roleRef"]["kind"] == "Role"
+        for subject in binding["subjects"]:
+            assert subject["kind"] == "ServiceAccount" and subject["namespace"] == NS
+            out.setdefault(subject["name"], set()).update(grants(roles[(NS, binding["roleRef"]["name"])]))
     return out
 
 
@@ -106,12 +121,14 @@ def test_chart_grants_every_rule_of_the_harness_stand_in() -> None:
 
 def test_chart_grants_exactly_the_reviewed_least_privilege_sets() -> None:
     assert chart_grants(render.rbac_documents()) == EXPECTED
+    assert chart_namespaced_grants(render.rbac_documents()) == EXPECTED_IN_NAMESPACE
 
 
 def test_no_wildcards_no_secrets_no_escalation() -> None:
     docs = render.rbac_documents({"peering": {"installCRDs": True}, "metrics": {"serviceMonitor": {"enabled": True}}})
-    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
-    for group, resource, verb, _ in set().union(*chart_grants(docs).values()):
+    assert {d["kind"] for d in docs} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
+    everything = set().union(*chart_grants(docs).values(), *chart_namespaced_grants(docs).values())
+    for group, resource, verb, _ in everything:
         assert "*" not in (group, resource, verb)
         assert resource not in ("secrets", "configmaps", "serviceaccounts", "pods/exec", "nodes/proxy")
         assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
@@ -186,9 +203,6 @@ def test_controller_account_in_the_harness(
         policy
     ]
     custom.patch_cluster_custom_object_status(GROUP, VERSION, POLICIES, policy, {"status": {"matchedNodes": 0}})
-    custom.patch_cluster_custom_object(
-        GROUP, VERSION, POLICIES, policy, {"metadata": {"finalizers": ["agentlat.io/x"]}}
-    )
     core.list_node()
     core.create_namespaced_event("default", event(policy))
     kubernetes.client.ApiextensionsV1Api(client).list_custom_resource_definition()
@@ -202,6 +216,10 @@ def test_controller_account_in_the_harness(
             "kopf.dev", "v1", "clusterkopfpeerings", "someone-else", {"status": {"pod-1": None}}
         ),
         lambda: custom.delete_cluster_custom_object(GROUP, VERSION, POLICIES, policy),
+        # Kopf keeps no finalizer or annotations on policies (event handlers only): no patch on them.
+        lambda: custom.patch_cluster_custom_object(
+            GROUP, VERSION, POLICIES, policy, {"metadata": {"finalizers": ["agentlat.io/x"]}}
+        ),
         lambda: core.list_namespaced_secret(NS),
         lambda: core.list_pod_for_all_namespaces(),
     )
@@ -214,10 +232,10 @@ def test_agent_account_in_the_harness(
     client = kube_client(NS, "agentlat-agent")
     core = kubernetes.client.CoreV1Api(client)
     core.list_pod_for_all_namespaces(field_selector="spec.nodeName=node-a")
-    core.create_namespaced_event("default", event(policy))
     custom = kubernetes.client.CustomObjectsApi(client)
     forbidden(
         kube_apiserver,
+        lambda: core.create_namespaced_event("default", event(policy)),  # the agent posts no events
         lambda: custom.list_cluster_custom_object(GROUP, VERSION, POLICIES),
         lambda: core.list_node(),
         lambda: core.delete_namespaced_pod("anything", "default"),
@@ -270,7 +288,8 @@ def test_profile_lifecycle_across_the_three_accounts(
     assert [p["metadata"]["name"] for p in mine["items"]] == ["node-a"]
     reverted = {"type": "Reverted", "status": "True", "reason": "PolicyRemoved"}
     agent.patch_cluster_custom_object_status(GROUP, VERSION, profiles, "node-a", {"status": {"conditions": [reverted]}})
-    assert hook.get_cluster_custom_object(GROUP, VERSION, profiles, "node-a")["status"]["conditions"] == [reverted]
+    (seen,) = hook.list_cluster_custom_object(GROUP, VERSION, profiles)["items"]  # the hook polls with list
+    assert seen["status"]["conditions"] == [reverted]
     forbidden(
         kube_apiserver,
         lambda: agent.patch_cluster_custom_object(GROUP, VERSION, profiles, "node-a", {"spec": {"sources": []}}),

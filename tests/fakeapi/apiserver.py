@@ -64,7 +64,18 @@ import kubernetes.client
 import yaml
 from aiohttp import web
 
-from tests.fakeapi import openapidocs, protobuf, rbac, registry, resources, selectors, status, storage, tables
+from tests.fakeapi import (
+    admission,
+    openapidocs,
+    protobuf,
+    rbac,
+    registry,
+    resources,
+    selectors,
+    status,
+    storage,
+    tables,
+)
 from tests.fakeapi import tls as tls_module
 
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -101,6 +112,7 @@ class RequestRecord:
     name: str = ""
     forbidden: bool = False  # denied by RBAC
     expected: bool = False  # denied inside expect_forbidden() (or with allow_violations set)
+    query: str = ""  # the query string, e.g. fieldSelector=spec.nodeName%3Dn1&watch=true
 
 
 @dataclasses.dataclass
@@ -169,7 +181,9 @@ class ApiServer:
         host: str = "127.0.0.1",
         port: int = 0,
         tls: bool = False,
+        objects: Iterable[Mapping[str, Any]] = (),
     ) -> None:
+        """``objects``: anything else to seed (e.g. the chart's ValidatingAdmissionPolicies), after the CRDs."""
         self.catalogue = resources.Catalogue()
         self.store = storage.Store(history_limit)
         self.registry = registry.Registry(self.store, self.catalogue)
@@ -191,7 +205,7 @@ class ApiServer:
         self._expecting_forbidden = 0
         self._outage: str | None = None
         self._tokens: dict[str, rbac.User] = {}
-        self._sa_tokens: dict[tuple[str, str], str] = {}
+        self._sa_tokens: dict[tuple[str, str, str], str] = {}
         self.admin_token = self._issue(rbac.ADMIN)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -204,6 +218,8 @@ class ApiServer:
             self.put_object({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": ns}})
         for doc in _load_crds(crd_paths):
             self.add_crd(doc)
+        for obj in objects:
+            self.put_object(obj)
 
     # ----------------------------------------------------------------------- lifecycle
 
@@ -271,29 +287,34 @@ class ApiServer:
         self._tokens[token] = user
         return token
 
-    def token_for(self, namespace: str, name: str) -> str:
-        """The bearer token of ServiceAccount ``namespace/name`` (issued on first use)."""
-        key = (namespace, name)
+    def token_for(self, namespace: str, name: str, node: str | None = None) -> str:
+        """The bearer token of ServiceAccount ``namespace/name`` (issued on first use); with ``node``, a token
+        bound to a pod on that node (it carries the ``authentication.kubernetes.io/node-name`` extra)."""
+        key = (namespace, name, node or "")
         if key not in self._sa_tokens:
-            self._sa_tokens[key] = self._issue(rbac.service_account_user(namespace, name))
+            self._sa_tokens[key] = self._issue(rbac.service_account_user(namespace, name, node))
         return self._sa_tokens[key]
 
-    def _token(self, namespace: str | None, name: str | None) -> str:
+    def _token(self, namespace: str | None, name: str | None, node: str | None = None) -> str:
         if namespace is None or name is None:
             return self.admin_token
-        return self.token_for(namespace, name)
+        return self.token_for(namespace, name, node)
 
-    def configuration(self, namespace: str | None = None, name: str | None = None) -> kubernetes.client.Configuration:
+    def configuration(
+        self, namespace: str | None = None, name: str | None = None, node: str | None = None
+    ) -> kubernetes.client.Configuration:
         """A ``kubernetes`` client configuration for a ServiceAccount (admin when none is given)."""
         config = kubernetes.client.Configuration(host=self.url)
         if self._ca_file:
             config.ssl_ca_cert = self._ca_file
-        config.api_key = {"BearerToken": self._token(namespace, name)}
+        config.api_key = {"BearerToken": self._token(namespace, name, node)}
         config.api_key_prefix = {"BearerToken": "Bearer"}
         return config
 
-    def api_client(self, namespace: str | None = None, name: str | None = None) -> kubernetes.client.ApiClient:
-        return kubernetes.client.ApiClient(self.configuration(namespace, name))
+    def api_client(
+        self, namespace: str | None = None, name: str | None = None, node: str | None = None
+    ) -> kubernetes.client.ApiClient:
+        return kubernetes.client.ApiClient(self.configuration(namespace, name, node))
 
     def connection_info(self, namespace: str, name: str) -> kopf.ConnectionInfo:
         return kopf.ConnectionInfo(
@@ -312,7 +333,7 @@ class ApiServer:
         return login
 
     def write_kubeconfig(
-        self, path: pathlib.Path | str, namespace: str | None = None, name: str | None = None
+        self, path: pathlib.Path | str, namespace: str | None = None, name: str | None = None, node: str | None = None
     ) -> pathlib.Path:
         path = pathlib.Path(path)
         user = f"{namespace}/{name}" if namespace and name else "admin"
@@ -321,7 +342,7 @@ class ApiServer:
             "kind": "Config",
             "current-context": "harness",
             "clusters": [{"name": "harness", "cluster": self._cluster_entry()}],
-            "users": [{"name": user, "user": {"token": self._token(namespace, name)}}],
+            "users": [{"name": user, "user": {"token": self._token(namespace, name, node)}}],
             "contexts": [
                 {
                     "name": "harness",
@@ -486,7 +507,10 @@ class ApiServer:
     # ----------------------------------------------------------------------- HTTP
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        record = RequestRecord(method=request.method, path=request.path, verb=request.method.lower(), user="", code=0)
+        record = RequestRecord(
+            method=request.method, path=request.path, verb=request.method.lower(), user="", code=0,
+            query=request.query_string,
+        )
         try:
             if self._outage == "drop":
                 if request.transport is not None:
@@ -627,7 +651,7 @@ class ApiServer:
             )
             return _json(exc.status(), exc.code)
         try:
-            return await self._serve_resource(request, route, record, verb)
+            return await self._serve_resource(request, route, record, verb, user)
         except status.ApiError as exc:
             return self._finish(record, _json(exc.status(), exc.code))
 
@@ -670,7 +694,7 @@ class ApiServer:
         self.authorizer = rbac.Authorizer([*self._rbac_seed, *stored])
 
     async def _serve_resource(
-        self, request: web.Request, route: _Route, record: RequestRecord, verb: str
+        self, request: web.Request, route: _Route, record: RequestRecord, verb: str, user: rbac.User
     ) -> web.StreamResponse:
         rt = self.catalogue.find(route.group, route.version, route.plural)
         if rt is None or (route.namespace and not rt.namespaced and route.plural != "namespaces"):
@@ -680,7 +704,7 @@ class ApiServer:
         if verb == "watch":
             return await self._watch(request, rt, route, record)
         body = await _read_body(request) if request.method in ("POST", "PUT", "PATCH", "DELETE") else None
-        answer, code, warnings = self._dispatch(request, rt, route, verb, body)
+        answer, code, warnings = self._dispatch(request, rt, route, verb, body, user)
         if route.group == resources.RBAC and verb not in ("get", "list"):
             self._sync_rbac()
         if verb in ("get", "list") and tables.wants_table(request.headers.get("Accept", "")):
@@ -697,11 +721,12 @@ class ApiServer:
         return tables.table(items, columns, meta, include_object=include)
 
     def _dispatch(
-        self, request: web.Request, rt: resources.ResourceType, route: _Route, verb: str, body: Any
+        self, request: web.Request, rt: resources.ResourceType, route: _Route, verb: str, body: Any, user: rbac.User
     ) -> tuple[dict[str, Any], int, list[str]]:
         """Run one non-watch verb; return (response body, HTTP code, warnings)."""
         params, reg = request.query, self.registry
         opts = self._options(request.query, request.headers.get("User-Agent", ""))
+        opts = dataclasses.replace(opts, admit=self._admission(user))
         ns, version, name, sub = (
             route.namespace if rt.namespaced else "",
             route.version,
@@ -740,6 +765,24 @@ class ApiServer:
         if verb == "delete":
             return reg.delete(rt, version, ns, name, delete_options, opts).obj, 200, []
         return reg.delete_collection(rt, version, ns or None, labels, fields, delete_options, opts), 200, []
+
+    def _admission(self, user: rbac.User) -> Callable[..., list[str]]:
+        """ValidatingAdmissionPolicies (admission.py) for this user's writes; runs under the store lock."""
+
+        def admit(
+            operation: str,
+            rt: resources.ResourceType,
+            version: str,
+            subresource: str,
+            obj: dict[str, Any],
+            old: dict[str, Any] | None,
+        ) -> list[str]:
+            def stored(key: tuple[str, str]) -> list[dict[str, Any]]:
+                return self.store.items(key, None)
+
+            return admission.check(stored, operation, rt, version, subresource, obj, old, user)
+
+        return admit
 
     def _options(self, params: Mapping[str, str], user_agent: str = "") -> registry.Options:
         mode = params.get("fieldValidation") or self.default_field_validation

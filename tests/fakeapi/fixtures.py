@@ -4,8 +4,10 @@ a conftest may override ``kube_crd_paths`` / ``kube_rbac_documents`` (what the s
 - ``kube_apiserver``: a started ``apiserver.ApiServer``; at teardown the test fails if any request was
   denied by RBAC, unless the test is marked ``kube_forbidden_ok`` or the denial happened inside
   ``kube_apiserver.expect_forbidden()``.
-- ``kube_client``: factory ``(namespace=None, name=None) -> kubernetes.client.ApiClient`` logged in as
-  that ServiceAccount (admin without arguments), closed at teardown.
+- ``kube_client``: factory ``(namespace=None, name=None, node=None) -> kubernetes.client.ApiClient`` logged in
+  as that ServiceAccount (admin without arguments; ``node``: a token bound to a pod on that node, carrying the
+  node-name extra), closed at teardown.
+- ``kube_seed_documents``: objects the server starts with (default none; override in a conftest).
 - ``kopf_operator``: factory ``(registry, *, namespace, service_account, **kopf_kwargs) -> KopfThread``
   that runs a Kopf operator in a thread against the server, stopped at teardown.
 """
@@ -37,12 +39,20 @@ def kube_rbac_documents() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
+def kube_seed_documents() -> list[dict[str, Any]]:
+    """Other objects the server starts with (e.g. ValidatingAdmissionPolicies and their bindings)."""
+    return []
+
+
+@pytest.fixture
 def kube_apiserver(
     request: pytest.FixtureRequest,
     kube_crd_paths: list[pathlib.Path],
     kube_rbac_documents: list[dict[str, Any]],
+    kube_seed_documents: list[dict[str, Any]],
 ) -> Iterator[apiserver.ApiServer]:
-    server = apiserver.ApiServer(kube_crd_paths, kube_rbac_documents, bookmark_interval=0.5)
+    server = apiserver.ApiServer(kube_crd_paths, kube_rbac_documents, bookmark_interval=0.5,
+                                 objects=kube_seed_documents)
     server.start()
     try:
         yield server
@@ -61,8 +71,10 @@ def kube_apiserver(
 def kube_client(kube_apiserver: apiserver.ApiServer) -> Iterator[Callable[..., kubernetes.client.ApiClient]]:
     clients: list[kubernetes.client.ApiClient] = []
 
-    def make(namespace: str | None = None, name: str | None = None) -> kubernetes.client.ApiClient:
-        client = kube_apiserver.api_client(namespace, name)
+    def make(
+        namespace: str | None = None, name: str | None = None, node: str | None = None
+    ) -> kubernetes.client.ApiClient:
+        client = kube_apiserver.api_client(namespace, name, node)
         clients.append(client)
         return client
 

@@ -22,12 +22,21 @@ MASTERS = "system:masters"
 class User:
     name: str
     groups: tuple[str, ...] = ()
+    # Authenticator extras, e.g. a bound ServiceAccount token's (("authentication.kubernetes.io/node-name",
+    # ("n1",)),): what ValidatingAdmissionPolicies see as request.userInfo.extra.
+    extra: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
-def service_account_user(namespace: str, name: str) -> User:
+NODE_NAME = "authentication.kubernetes.io/node-name"
+
+
+def service_account_user(namespace: str, name: str, node: str | None = None) -> User:
+    """``node``: the token is bound to a pod on that node, so it carries the node-name extra (as kubelet's
+    projected tokens do)."""
     return User(
         f"system:serviceaccount:{namespace}:{name}",
         ("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"),
+        ((NODE_NAME, (node,)),) if node else (),
     )
 
 

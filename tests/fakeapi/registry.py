@@ -46,6 +46,9 @@ def _generated_name(prefix: str) -> str:
     return prefix + "".join(random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
 
 
+Admit = Callable[[str, resources.ResourceType, str, str, dict[str, Any], dict[str, Any] | None], list[str]]
+
+
 @dataclasses.dataclass
 class Options:
     field_validation: str = "Strict"
@@ -53,6 +56,9 @@ class Options:
     manager: str = ""  # fieldManager (or what the user agent implies)
     force: bool = False  # server-side apply: take conflicting fields
     applying: bool = False  # the write is a server-side apply (managedFields come with it)
+    # Admission after validation: (operation, rt, version, subresource, object, oldObject) -> warnings; raises
+    # status.ApiError to refuse (the server binds the requesting user: admission.check).
+    admit: Admit | None = None
 
 
 # Built-in kinds validated against the real Kubernetes schemas (the chart's kinds).
@@ -67,6 +73,8 @@ VALIDATED = frozenset(
         ("", "serviceaccounts"),
         ("", "namespaces"),
         *((resources.RBAC, plural) for plural in ("clusterroles", "clusterrolebindings", "roles", "rolebindings")),
+        (resources.ADMISSION, "validatingadmissionpolicies"),
+        (resources.ADMISSION, "validatingadmissionpolicybindings"),
     }
 )
 
@@ -265,6 +273,8 @@ class Registry:
         if rt.custom and self.has_status(rt, version):
             obj.pop("status", None)
         warnings = self._admit(rt, version, obj, None, opts)
+        if opts.admit is not None:
+            warnings += opts.admit("CREATE", rt, version, "", self.render(rt, version, obj), None)
         with self.store.lock:
             if self.store.get(rt.key, meta.get("namespace", ""), meta["name"]) is not None:
                 raise status.already_exists(rt.group, rt.plural, meta["name"])
@@ -391,6 +401,9 @@ class Registry:
                 apply.record_update(current, new, opts.manager, subresource)
             self._check_finalizers(rt, current, new)
             warnings = self._admit(rt, version, new, self.render(rt, version, current), opts)
+            if opts.admit is not None:
+                warnings += opts.admit("UPDATE", rt, version, subresource, self.render(rt, version, new),
+                                       self.render(rt, version, current))
             if rt.custom and self._spec_changed(rt, version, current, new):
                 new["metadata"]["generation"] = int(current["metadata"].get("generation") or 0) + 1
             if self._same(rt, version, current, new):

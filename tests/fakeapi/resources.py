@@ -16,6 +16,7 @@ COMMON_FIELDS = frozenset({"metadata.name", "metadata.namespace"})
 CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
 RBAC = "rbac.authorization.k8s.io"
 AUTHZ = "authorization.k8s.io"
+ADMISSION = "admissionregistration.k8s.io"
 REVIEWS = frozenset({(AUTHZ, "selfsubjectaccessreviews"), (AUTHZ, "subjectaccessreviews")})
 
 
@@ -164,6 +165,8 @@ BUILTINS = (
     _builtin(RBAC, "v1", "clusterrolebindings", "ClusterRoleBinding", False),
     _builtin(RBAC, "v1", "roles", "Role", True),
     _builtin(RBAC, "v1", "rolebindings", "RoleBinding", True),
+    _builtin(ADMISSION, "v1", "validatingadmissionpolicies", "ValidatingAdmissionPolicy", False, status=True),
+    _builtin(ADMISSION, "v1", "validatingadmissionpolicybindings", "ValidatingAdmissionPolicyBinding", False),
     _builtin(AUTHZ, "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview", False, verbs=("create",)),
     _builtin(AUTHZ, "v1", "subjectaccessreviews", "SubjectAccessReview", False, verbs=("create",)),
     ResourceType(

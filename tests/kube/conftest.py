@@ -43,6 +43,20 @@ def project_rbac_documents() -> list[dict[str, Any]]:
     return render.rbac_documents()
 
 
+def project_admission_documents() -> list[dict[str, Any]]:
+    """The chart's ValidatingAdmissionPolicies and bindings (none where the chart cannot be rendered)."""
+    try:
+        from tests.chart import render
+    except ImportError:
+        return []
+    return [d for d in render.documents() if d["kind"].startswith("ValidatingAdmissionPolicy")]
+
+
+@pytest.fixture
+def kube_seed_documents() -> list[dict[str, Any]]:
+    return project_admission_documents()
+
+
 @pytest.fixture
 def kube_rbac_documents() -> list[dict[str, Any]]:
     return project_rbac_documents() + rbac.load_documents(TESTDATA / "test-rbac.yaml")
@@ -68,7 +82,8 @@ def agentlat_controller(
                 {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
             )
         metrics = controller.Metrics(prometheus_client.CollectorRegistry())
-        options: dict[str, Any] = {"debounce": 0.02, "backoffs": (0.1, 0.2, 0.5), **kwargs}
+        options: dict[str, Any] = {"debounce": 0.02, "backoffs": (0.1, 0.2, 0.5), "agent_namespace": AGENTLAT_NS,
+                                   **kwargs}
         ctl = controller.Controller(kube_client(AGENTLAT_NS, "agentlat-controller"), metrics, **options)
         settings = controller.settings(priority=100)
         settings.networking.error_backoffs = [0.1, 0.2, 0.5]
@@ -83,3 +98,22 @@ def agentlat_controller(
         return ctl
 
     return start
+
+
+# --- the suite's requests, for test_zz_rbac_usage.py --------------------------------------------------------
+
+SUITE_REQUESTS: list[apiserver.RequestRecord] = []
+SUITE_TESTS: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _record_suite_requests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request any harness serves during a tests/kube test lands in SUITE_REQUESTS as well."""
+    original = apiserver.ApiServer._record
+
+    def record(self: apiserver.ApiServer, entry: apiserver.RequestRecord) -> None:
+        SUITE_REQUESTS.append(entry)
+        original(self, entry)
+
+    monkeypatch.setattr(apiserver.ApiServer, "_record", record)
+    SUITE_TESTS.add(request.node.nodeid)

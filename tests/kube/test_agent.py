@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import pathlib
 import re
 import urllib.error
@@ -19,7 +20,7 @@ import pytest
 from agentlat.operator.core import engine, journal
 from agentlat.operator.daemon import metrics
 from agentlat.operator.daemon import node as daemon
-from agentlat.operator.kube import agent, profiles
+from agentlat.operator.kube import agent, heartbeat, profiles
 from agentlat.operator.kube import client as _kube
 from agentlat.operator.model import errors, plan, policy
 from tests.fakeapi import apiserver
@@ -178,7 +179,7 @@ def test_restart_keeps_settings_and_a_profile_deleted_meanwhile_is_reverted(
     assert first.read(IRQ) == "0", "agent exit must keep the settings"
 
     # Restarted against the same profile: nothing to write.
-    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent")).start()
+    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1")).start()
     try:
         server.wait_for(lambda: second.daemon.snapshot().generation == 1, 15)
         assert second.daemon.snapshot().counts.get("Applied", 0) == 0
@@ -188,7 +189,7 @@ def test_restart_keeps_settings_and_a_profile_deleted_meanwhile_is_reverted(
 
     # The profile went away while no agent ran: the next agent reverts on start.
     admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
-    third = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent")).start()
+    third = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1")).start()
     try:
         server.wait_for(lambda: third.daemon.snapshot().condition("Applied").reason == "Reverted", 15)
     finally:
@@ -276,7 +277,7 @@ def test_agent_exits_when_its_daemon_cannot_run(
     first = start_node("n1", {})
     # The first agent watches only once its daemon holds the state dir: from here on the second must lose.
     kube_apiserver.wait_for(lambda: first.agent.profile_watch.lists >= 1, 15)
-    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent"))  # the same state dir
+    second = Node("n1", first.root, first.state, kube_client(NS, "agentlat-agent", "n1"))  # the same state dir
     try:
         held = rf"^the node daemon cannot run: .* holds {re.escape(str(first.state / 'lock'))}$"
         with pytest.raises(journal.JournalLocked, match=held):
@@ -315,3 +316,108 @@ def test_of_two_agents_started_at_once_the_one_without_the_state_dir_exits_witho
         for node in agents:
             if node.thread.ident is not None:  # started
                 node.stop()
+
+
+def test_the_agent_heartbeats_with_a_lease_in_its_namespace(
+    kube_apiserver: apiserver.ApiServer, start_node: Callable[..., Node]
+) -> None:
+    server = kube_apiserver
+    start_node("n1", {}, heartbeat_interval=0.1, lease_seconds=7)
+    name = heartbeat.lease_name("n1")
+    first = server.wait_for(lambda: server.get_object("leases", name, "coordination.k8s.io", NS), 15, "no lease")
+    assert first["spec"]["holderIdentity"] == "n1" and first["spec"]["leaseDurationSeconds"] == 7
+    assert first["metadata"]["labels"] == heartbeat.LABELS
+    server.wait_for(lambda: (server.get_object("leases", name, "coordination.k8s.io", NS) or {})["spec"]["renewTime"]
+                    != first["spec"]["renewTime"], 15, "lease not renewed")
+    coordination = kubernetes.client.CoordinationV1Api(server.api_client())
+    assert set(heartbeat.live_nodes(coordination, NS, datetime.datetime.now(datetime.UTC))) == {"n1"}
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=60)
+    assert heartbeat.live_nodes(coordination, NS, later) == {}
+
+
+def test_terminating_pods_are_not_selected() -> None:
+    # Fails on the old agent: a pod with a deletionTimestamp stayed selected until it was gone.
+    chosen = policy.from_object({"apiVersion": policy.API_VERSION, "kind": policy.KIND, "metadata": {"name": "p"},
+                                 "spec": {"workloads": [{"name": "a", "podSelector": {"matchLabels": {"app": "a"}}}]}})
+    live = {"metadata": {"uid": "1", "namespace": "x", "labels": {"app": "a"}}, "status": {"phase": "Running"}}
+    going = copy.deepcopy(live)
+    going["metadata"].update(uid="2", deletionTimestamp="2025-01-01T00:00:00Z")
+    found = agent.selection(chosen, {"1": live, "2": going})
+    assert found is not None and dict(found.pods) == {"a": ("1",)}
+
+
+def test_a_terminating_pod_is_released_in_the_cluster(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, start_node: Callable[..., Node]
+) -> None:
+    server = kube_apiserver
+    start_node("n1", {})
+    spec = {"workloads": [{"name": "agents", "latencyClass": "agent-interactive",
+                           "podSelector": {"matchLabels": {"app": "agent"}}, "nice": -5}]}
+    mine = server.put_object({"apiVersion": "v1", "kind": "Pod",
+                              "metadata": {"name": "a", "namespace": "default", "labels": {"app": "agent"},
+                                           "finalizers": ["example.com/hold"]},
+                              "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i"}]},
+                              "status": {"phase": "Running"}})
+    admin.create_cluster_custom_object(G, V, PROFILES, profile_body("n1", **spec))
+
+    def skipped() -> list[str]:
+        return [s["reason"] for s in (profile(server, "n1").get("status") or {}).get("skipped", [])
+                if s["target"] == "workload/agents"]
+
+    uid = mine["metadata"]["uid"]
+    server.wait_for(lambda: skipped() == [f"workload agents: no running process matches pods {uid}"], 15)
+    kubernetes.client.CoreV1Api(server.api_client()).delete_namespaced_pod("a", "default")
+    assert (server.get_object("pods", "a", "", "default") or {})["metadata"]["deletionTimestamp"]
+    server.wait_for(lambda: skipped() == ["workload agents: no pod on this node matches podSelector"], 15,
+                    "the terminating pod stayed selected")
+
+
+def test_a_reverted_profile_no_longer_shows_its_applied_generation(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, start_node: Callable[..., Node]
+) -> None:
+    # Fails on the old agent: its merge patch left appliedGeneration (and policy) behind after the revert.
+    server = kube_apiserver
+    start_node("n1", {})
+    body = profile_body("n1", agentCpus="1")
+    body["metadata"]["finalizers"] = [profiles.REVERT_FINALIZER]
+    admin.create_cluster_custom_object(G, V, PROFILES, body)
+    server.wait_for(lambda: applied(server, "n1", 1), 15)
+    assert profile(server, "n1")["status"]["appliedGeneration"] == 1
+    admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
+    server.wait_for(lambda: condition(profile(server, "n1"), "Reverted").get("status") == "True", 15)
+    status = profile(server, "n1")["status"]
+    assert "appliedGeneration" not in status and "policy" not in status
+    admin.patch_cluster_custom_object(G, V, PROFILES, "n1", {"metadata": {"finalizers": []}})
+
+
+def test_an_agent_can_write_only_its_own_nodes_profile_status_and_lease(
+    kube_apiserver: apiserver.ApiServer, admin: kubernetes.client.CustomObjectsApi, kube_client: ClientFactory
+) -> None:
+    # The chart's ValidatingAdmissionPolicy, enforced by the harness; RBAC alone allowed all of this.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        admin.create_cluster_custom_object(G, V, PROFILES, profile_body(name))
+    status = {"status": {"observedGeneration": 1, "conditions": []}}
+    n1 = kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent", "n1"))
+    n1.patch_cluster_custom_object_status(G, V, PROFILES, "n1", status)
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        n1.patch_cluster_custom_object_status(G, V, PROFILES, "n2", status)
+    assert caught.value.status == 403
+    assert ("ValidatingAdmissionPolicy 'agentlat-agent-own-node' with binding 'agentlat-agent-own-node' denied "
+            "request: an agent may write only its own node's profile status and heartbeat lease; n2 is not n1's"
+            ) in str(caught.value.body)
+    unbound = kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent"))
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        unbound.patch_cluster_custom_object_status(G, V, PROFILES, "n1", status)
+    assert caught.value.status == 403 and "n1 is not bound to a node" in str(caught.value.body)
+    assert (server.get_object(PROFILES, "n2", G) or {}).get("status") is None
+
+    now = datetime.datetime.now(datetime.UTC)
+    leases = kubernetes.client.CoordinationV1Api(kube_client(NS, "agentlat-agent", "n1"))
+    heartbeat.renew(leases, NS, "n1", 40, now)
+    with pytest.raises(kubernetes.client.ApiException) as caught:
+        heartbeat.renew(leases, NS, "n2", 40, now)
+    assert caught.value.status == 403
+    assert server.get_object("leases", heartbeat.lease_name("n2"), "coordination.k8s.io", NS) is None
+    # The admin (and the controller) are not agents: the policy does not apply to them.
+    admin.patch_cluster_custom_object_status(G, V, PROFILES, "n2", status)

@@ -6,14 +6,15 @@ The node agents are played by the test here (status writes as ``agentlat-agent``
 
 from __future__ import annotations
 
+import datetime
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import kubernetes.client
 import pytest
 
-from agentlat.operator.kube import controller, profiles, uninstall
+from agentlat.operator.kube import controller, heartbeat, profiles, uninstall
 from tests.fakeapi import apiserver
 
 pytestmark = pytest.mark.kube
@@ -37,9 +38,21 @@ def admin(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(kube_client())
 
 
+class NodeAgents:
+    """Plays every node's agent: each status write goes out with the token of the agent on that node."""
+
+    def __init__(self, kube_client: ClientFactory) -> None:
+        self._client = kube_client
+
+    def patch_cluster_custom_object_status(self, group: str, version: str, plural: str, name: str,
+                                           body: Any) -> Any:
+        api = kubernetes.client.CustomObjectsApi(self._client(NS, "agentlat-agent", name))
+        return api.patch_cluster_custom_object_status(group, version, plural, name, body)
+
+
 @pytest.fixture
 def agent(kube_client: ClientFactory) -> kubernetes.client.CustomObjectsApi:
-    return kubernetes.client.CustomObjectsApi(kube_client(NS, "agentlat-agent"))
+    return cast(kubernetes.client.CustomObjectsApi, NodeAgents(kube_client))
 
 
 def profile(server: apiserver.ApiServer, name: str) -> dict[str, Any] | None:
@@ -142,6 +155,43 @@ def test_profiles_follow_policies_and_node_labels(
     assert metric(ctl, "agentlat_controller_profiles") == 3
 
 
+def test_an_invalid_edit_keeps_the_nodes_on_the_last_valid_profile(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: the invalid generation deleted every profile the policy had selected.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p", agentCpus="0-1"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+    for name in ("n1", "n2"):
+        report(agent, server, name, Applied=True, Degraded=False)
+    server.wait_for(lambda: status_of(server, "p").get("appliedNodes") == 2, 15)
+    before = {name: profile(server, name) for name in ("n1", "n2")}
+
+    # Valid for the CRD, not for the controller: housekeeping overlaps the agent CPUs.
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"housekeepingCpus": "1"}})
+    server.wait_for(lambda: "Invalid" in conditions(status_of(server, "p")), 15, "no Invalid condition")
+    status = status_of(server, "p")
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert (invalid["status"], invalid["reason"]) == ("True", "InvalidSpec")
+    assert invalid["message"].startswith("spec.housekeepingCpus: ")
+    assert (status["observedGeneration"], status["matchedNodes"], status["appliedNodes"]) == (2, 2, 2)
+    for name, old in before.items():
+        now = profile(server, name)
+        assert now is not None and not now["metadata"].get("deletionTimestamp")
+        assert now["spec"] == old["spec"] and now["metadata"]["generation"] == old["metadata"]["generation"]  # type: ignore[index]
+
+    # Fixed: the nodes move to the new generation and the condition goes.
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"housekeepingCpus": "2"}})
+    server.wait_for(lambda: profiles.sources(profile(server, "n1") or {}).get("p") == 3, 15)
+    server.wait_for(lambda: "Invalid" not in conditions(status_of(server, "p")), 15)
+
+
 def test_unselected_node_profile_is_held_until_its_agent_reverts(
     kube_apiserver: apiserver.ApiServer,
     kube_client: ClientFactory,
@@ -173,6 +223,104 @@ def test_unselected_node_profile_is_held_until_its_agent_reverts(
     report(agent, server, "n1", Reverted=True)
     assert uninstall.wait(hook, timeout=15, interval=0.05, out=out, err=err) == uninstall.EXIT_OK
     assert out.getvalue().splitlines()[-1] == "all 1 node(s) reverted"  # n2 was gone before this run
+
+
+def beat(server: apiserver.ApiServer, node_name: str, ago: float = 0.0) -> None:
+    """Play node ``node_name``'s agent heartbeat: its 60 s lease, renewed ``ago`` seconds ago."""
+    api = kubernetes.client.CoordinationV1Api(server.api_client(NS, "agentlat-agent", node_name))
+    renewed = datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=ago)
+    heartbeat.renew(api, NS, node_name, 60, renewed)
+
+
+def test_a_profile_on_a_node_with_no_live_agent_is_released_after_the_grace(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: n1's profile stayed Terminating forever and q never reached n1.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    beat(server, "n2")  # n2 has a live (if slow) agent; n1 has none at all
+    ctl = agentlat_controller(agent_grace=1.0)
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+    admin.delete_cluster_custom_object(G, V, POLICIES, "p")
+    server.wait_for(lambda: profile(server, "n1") is None, 15, "profile on an agentless node never released")
+    server.wait_for(lambda: server.events(reason="AgentAbsent", involved_name="n1"), 15, "release not reported")
+    [event] = server.events(reason="AgentAbsent", involved_name="n1")
+    assert event["type"] == "Warning" and "no live agent on node n1 for 1s" in event["message"]
+    assert metric(ctl, "agentlat_controller_abandoned_profiles_total") == 1
+    held = profile(server, "n2")  # its agent is alive: it is waited for, however long
+    assert held is not None and held["metadata"]["finalizers"] == [profiles.REVERT_FINALIZER]
+    report(agent, server, "n2", Reverted=True)
+    server.wait_for(lambda: profile(server, "n2") is None, 15)
+
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("q"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15, "no new profiles after release")
+    assert not server.events(reason="AgentAbsent", involved_name="n2")
+
+
+def test_uninstall_wait_does_not_wait_for_nodes_without_a_live_agent(
+    kube_apiserver: apiserver.ApiServer,
+    kube_client: ClientFactory,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old uninstall-wait: it timed out naming n1.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    beat(server, "n2")
+    beat(server, "n3", ago=61)  # an agent that has died: its lease has expired
+    server.put_object(node("n3"))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: all(profile(server, n) for n in ("n1", "n2", "n3")), 15)
+    hook = kube_client(NS, "agentlat-uninstall")
+    out, err = io.StringIO(), io.StringIO()
+    assert uninstall.wait(hook, timeout=0.5, interval=0.1, out=out, err=err, namespace=NS) == uninstall.EXIT_TIMEOUT
+    assert "1 node(s) did not revert: n2 (" in err.getvalue()
+    report(agent, server, "n2", Reverted=True)
+    out = io.StringIO()
+    assert uninstall.wait(hook, timeout=15, interval=0.05, out=out, err=err, namespace=NS) == uninstall.EXIT_OK
+    lines = out.getvalue().splitlines()
+    assert lines[-1] == "all 1 node(s) reverted; 2 without a live agent not reverted"
+    assert [line.split(":")[0] for line in lines if line.startswith("not waiting")] == [
+        "not waiting for n1", "not waiting for n3"]
+
+
+def test_status_writes_do_not_relist_policies(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: every profile status write made it LIST every policy.
+    server = kube_apiserver
+    for name in ("n1", "n2"):
+        server.put_object(node(name))
+    agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    server.wait_for(lambda: profile(server, "n1") and profile(server, "n2"), 15)
+
+    def policy_lists() -> int:
+        return sum(1 for r in server.requests if r.user.endswith(":agentlat-controller") and r.verb == "list"
+                   and r.resource == POLICIES)
+
+    before = policy_lists()
+    for round_ in range(5):
+        for name in ("n1", "n2"):
+            report(agent, server, name, Applied=True, Degraded=False, Drifted=bool(round_ % 2))
+    server.wait_for(lambda: status_of(server, "p").get("appliedNodes") == 2
+                    and status_of(server, "p").get("driftedNodes") == 0, 15)
+    assert policy_lists() == before
+    # A policy edit still relists (and is applied).
+    admin.patch_cluster_custom_object(G, V, POLICIES, "p", {"spec": {"agentCpus": "1"}})
+    server.wait_for(lambda: profiles.sources(profile(server, "n1") or {}).get("p") == 2, 15)
+    assert policy_lists() > before
 
 
 def test_deleted_node_releases_its_profile(

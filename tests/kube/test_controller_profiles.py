@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pathlib
 from typing import Any
 
@@ -364,3 +365,32 @@ def test_conflicts_are_a_condition_on_the_losing_policy_and_one_warning() -> Non
     low_again = controller.parse({**low.body, "status": decision.statuses["low"]})
     high_again = controller.parse({**high.body, "status": decision.statuses["high"]})
     assert controller.decide([high_again, low_again], cluster, {}, LATER).warnings == ()
+
+
+def test_invalid_edit_keeps_the_last_valid_generation_on_its_nodes() -> None:
+    good = controller.parse(body("p", generation=1, agentCpus="0-1"))
+    spec = profiles.profile_spec([good.chosen])  # type: ignore[list-item]
+    live = {"a": reported(existing("a", spec)), "b": reported(existing("b", spec))}
+    bad = controller.parse(body("p", generation=2, agentCpus="0-1", housekeepingCpus="1"))
+    assert bad.chosen is None
+    decision = controller.decide([dataclasses.replace(bad, fallback=good.chosen)], nodes(("a", {}), ("b", {})),
+                                 live, NOW)
+    assert decision.ops == ()  # both nodes keep generation 1
+    status = _status(decision, "p")
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert (invalid["status"], invalid["reason"]) == ("True", "InvalidSpec")
+    assert invalid["message"] == "spec.housekeepingCpus: overlaps agentCpus on CPUs 1"
+    assert (status["matchedNodes"], status["appliedNodes"], status["observedGeneration"]) == (2, 2, 2)
+    assert _conditions(status)["Ready"] == ("False", "InvalidSpec")
+
+
+def test_invalid_policy_with_no_known_valid_generation_freezes_the_profiles_it_is_in() -> None:
+    # A controller restarted after the invalid edit: the profiles naming the policy stay as they are, even
+    # when another policy changes; a node without such a profile does not get this policy.
+    other = controller.parse(body("other", priority=50, agentCpus="2"))
+    spec = profiles.profile_spec([load("p", agentCpus="0-1")])
+    bad = controller.parse(body("p", generation=2, agentCpus="0-1", housekeepingCpus="1"))
+    live = {"a": reported(existing("a", spec))}
+    decision = controller.decide([bad, other], nodes(("a", {}), ("b", {})), live, NOW)
+    assert [(op.kind, op.node) for op in decision.ops] == [("create", "b")]
+    assert decision.statuses["p"]["matchedNodes"] == 1

@@ -10,6 +10,7 @@ import logging
 import os
 import pathlib
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,7 +80,8 @@ class Node:
         self.daemon = daemon.NodeDaemon(root, state, metrics=metrics.Metrics(registry), source=SilentSource,
                                         options=daemon.Options(verify_interval=3600, irq_interval=3600))
         settings: dict[str, Any] = {"status_interval": 0.05, "settle": 0.0, "backoffs": (0.05, 0.1, 0.2),
-                                    "watch_timeout": 30, "liveness_window": 60.0, **options}
+                                    "watch_timeout": 30, "liveness_window": 60.0, "namespace": NS,
+                                    "heartbeat_interval": 0.5, **options}
         self.agent = agent.Agent(api, name, self.daemon, registry, **settings)
         self.ctx = context.Context(f"agent-{name}")
         self.failure: BaseException | None = None
@@ -118,7 +120,7 @@ def start_node(
     def start(name: str, labels: dict[str, str], **options: Any) -> Node:
         kube_apiserver.put_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}})
         root = fixture_host("vm-2cpu").rename(tmp_path / f"host-{name}")
-        node = Node(name, root, tmp_path / f"state-{name}", kube_client(NS, "agentlat-agent"), **options)
+        node = Node(name, root, tmp_path / f"state-{name}", kube_client(NS, "agentlat-agent", name), **options)
         started.append(node.start())
         return node
 
@@ -242,7 +244,16 @@ def test_policy_lifecycle_across_controller_and_two_agents(
     ours = [r for r in server.requests if r.user.startswith(f"system:serviceaccount:{NS}:")]
     agent_writes = {(r.verb, r.resource, r.subresource, r.name) for r in ours
                     if r.user.endswith(":agentlat-agent") and r.verb not in ("get", "list", "watch")}
-    assert agent_writes == {("patch", PROFILES, "status", "node-a")}
+    heartbeats = {w for w in agent_writes if w[1] == "leases"}
+    assert agent_writes - heartbeats == {("patch", PROFILES, "status", "node-a")}
+    assert {name for _verb, _resource, _sub, name in heartbeats} <= {
+        "", "agentlat-agent-node-a", "agentlat-agent-node-b"}  # "": the create
+    # RBAC cannot narrow list/watch by field: the agents must ask for their node's pods and profile only.
+    for r in ours:
+        if r.user.endswith(":agentlat-agent") and r.verb in ("list", "watch") and r.resource in ("pods", PROFILES):
+            wanted = "spec.nodeName" if r.resource == "pods" else "metadata.name"
+            fields = urllib.parse.parse_qs(r.query).get("fieldSelector", [""])[0]
+            assert fields in (f"{wanted}=node-a", f"{wanted}=node-b"), r
     fallback = rbac.Authorizer(rbac.load_documents(RBAC_RULES))
     for r in ours:
         attrs = rbac.Attributes(r.verb, r.api_group, r.resource, r.subresource, r.namespace, r.name)

@@ -74,7 +74,8 @@ def test_controller_agent_and_uninstall_wait_as_processes(
     server.put_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
     root = fixture_host("vm-2cpu")
     original = tree(root)
-    configs = {name: str(server.write_kubeconfig(tmp_path / f"{name}.kubeconfig", NS, f"agentlat-{name}"))
+    configs = {name: str(server.write_kubeconfig(tmp_path / f"{name}.kubeconfig", NS, f"agentlat-{name}",
+                                                 "n1" if name == "agent" else None))
                for name in ("controller", "agent", "uninstall")}
     ports = {name: free_port() for name in ("controller-health", "controller-metrics", "agent-health", "agent-metrics")}
     controller = spawn("controller", "--kubeconfig", configs["controller"], "--peering", "agentlat",

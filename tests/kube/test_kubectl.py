@@ -176,11 +176,13 @@ def test_delete(kubectl: Kubectl) -> None:
 def test_auth_can_i_as_the_charts_service_accounts(
     kubectl: Kubectl, account: str, verb: str, resource: str, expected: str
 ) -> None:
+    resource, _, subresource = resource.partition("/")  # kubectl reads TYPE/NAME: a subresource is a flag
     result = kubectl(
         "auth",
         "can-i",
         verb,
         resource,
+        *([f"--subresource={subresource}"] if subresource else []),
         f"--as=system:serviceaccount:{AGENTLAT_NS}:{account}",
         "-n",
         "default",

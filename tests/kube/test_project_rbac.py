@@ -56,6 +56,11 @@ def failure(exc: kubernetes.client.ApiException) -> dict[str, Any]:
         (
             "agentlat-agent",
             rbac.Attributes("update", "agentlat.io", "agentlatencynodeprofiles", "status", name="n"),
+            False,  # merge patches only (test_zz_rbac_usage.py: the code never updates)
+        ),
+        (
+            "agentlat-agent",
+            rbac.Attributes("patch", "agentlat.io", "agentlatencynodeprofiles", "status", name="n"),
             True,
         ),
         (
