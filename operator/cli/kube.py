@@ -128,15 +128,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from agentlat.operator.kube import agent, client
     from agentlat.operator.model import errors
 
-    namespace = args.namespace or client.namespace(args.kubeconfig)
-    if not namespace:
-        raise errors.single("agentlat agent", "--namespace", "required (or set $POD_NAMESPACE)")
     if not args.node:
         raise errors.single("agentlat agent", "--node", "required (or set $NODE_NAME)")
     if args.watch_timeout <= 0 or args.liveness_window <= args.watch_timeout:
         raise errors.single("agentlat agent", "--liveness-window", "must be longer than --watch-timeout (> 0)")
-    client.setup_logging(args.log_level)
     api = client.api_client(args.kubeconfig)  # a missing or bad kubeconfig: exit 2 before anything starts
+    namespace = args.namespace or client.namespace(args.kubeconfig)
+    if not namespace:
+        raise errors.single("agentlat agent", "--namespace", "required (or set $POD_NAMESPACE)")
+    client.setup_logging(args.log_level)
     registry = prometheus_client.CollectorRegistry()
     node_daemon = node.NodeDaemon(args.root, args.state, metrics=metrics.Metrics(registry))
     worker = agent.Agent(api, args.node, node_daemon, registry,

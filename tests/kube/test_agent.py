@@ -297,7 +297,7 @@ def test_of_two_agents_started_at_once_the_one_without_the_state_dir_exits_witho
     server.put_object({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
     admin.create_cluster_custom_object(G, V, PROFILES, profile_body("n1", agentCpus="1"))
     root = fixture_host("vm-2cpu")
-    agents = [Node("n1", root, tmp_path / "state", kube_client(NS, "agentlat-agent")) for _ in range(2)]
+    agents = [Node("n1", root, tmp_path / "state", kube_client(NS, "agentlat-agent", "n1")) for _ in range(2)]
     try:
         for node in agents:
             node.start()
