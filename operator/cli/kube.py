@@ -141,6 +141,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     node_daemon = node.NodeDaemon(args.root, args.state, metrics=metrics.Metrics(registry))
     worker = agent.Agent(api, args.node, node_daemon, registry,
                          liveness_window=args.liveness_window, watch_timeout=args.watch_timeout, namespace=namespace)
+    # Blocked before any thread starts (they inherit the mask): a thread with SIGTERM unblocked would take
+    # it with the default action and end the process without the graceful stop.
+    watched = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     if args.metrics_port:
         client.serve_metrics(registry, args.metrics_port)
     health = None
@@ -148,8 +152,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
         host, port = client.parse_listen(args.liveness)
         health = client.HealthServer(worker.health, host, port).start()
     ctx = context.Context(f"agent-{args.node}")
-    watched = {signal.SIGTERM, signal.SIGINT}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)  # the agent's threads inherit the block
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -184,6 +186,8 @@ def _wait_for_signals(thread: threading.Thread, ctx: context.Context, watched: s
     kill_at: float | None = None
     while thread.is_alive():
         info = signal.sigtimedwait(watched, 0.5)
+        if info is not None and info.si_signo not in watched:
+            info = None  # a stop/continue interrupted the wait: CPython then returns an uninitialized siginfo
         if info is None:
             if kill_at is not None and time.monotonic() > kill_at:
                 ctx.kill()

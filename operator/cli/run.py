@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.verify_interval <= 0 or args.irq_interval <= 0:
         raise errors.single("agentlat run", "--verify-interval/--irq-interval", "must be positive")
     logging.basicConfig(level=logging.INFO, format="agentlat: %(message)s", stream=sys.stderr)
+    # Blocked before any thread starts (they inherit the mask): a thread with SIGTERM unblocked would take
+    # it with the default action and end the process without the graceful stop.
+    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)
     shared = node.Metrics()
     if args.metrics_port is not None:
         shared.serve(args.metrics_port)
@@ -76,8 +80,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             daemon.close()
 
-    watched = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, watched)  # the daemon's threads inherit the block
     try:
         thread = threading.Thread(target=target, name="agentlat-run")
         thread.start()
