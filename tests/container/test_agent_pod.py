@@ -32,6 +32,7 @@ from agentlat.operator.kube import profiles
 from tests.container import conftest as ct
 from tests.fakeapi import apiserver
 from tests.host import test_ethtool_coalesce as oracle
+from tests.plugins import realhost
 
 pytestmark = [pytest.mark.host, pytest.mark.container]
 
@@ -44,6 +45,7 @@ LOOP_CTL_ADD, LOOP_CTL_REMOVE = 0x4C80, 0x4C81
 VETH = "ctest0"
 COMM = "agentlat-ctest"
 UPLINK = oracle.UPLINK
+EVENT_BOUND = 0.5  # the proc connector's path; the /proc-scan fallback would take seconds
 GUARD = 60.0
 
 
@@ -311,11 +313,26 @@ def test_chart_pod_tunes_this_host_keeps_it_across_restart_and_reverts_byte_exac
     assert host_state(host_objects) == tuned
     assert journal_entries(agent_values) == written
 
-    # Deleting the policy: the profile goes once the agent has reverted, and the host is as it was.
-    cluster.delete_cluster_custom_object(G, V, profiles.POLICY_PLURAL, POLICY)
-    server.wait_for(lambda: not profile(server), GUARD, "the profile was never released (no Reverted report)")
-    assert host_state(host_objects) == before
-    assert journal_entries(agent_values) == 0
+    # A matching process started on the host now is tuned from the kernel's process events, not the resync.
+    inherited = (os.getpriority(os.PRIO_PROCESS, 0), read("/proc/self/timerslack_ns"), os.sched_getaffinity(0))
+    started = time.monotonic()
+    late = subprocess.Popen([str(pathlib.Path(host_objects.process.args[0])), "600"])
+    try:
+        realhost.wait_for(lambda: (os.getpriority(os.PRIO_PROCESS, late.pid), read(f"/proc/{late.pid}/timerslack_ns"),
+                                   os.sched_getaffinity(late.pid)) == (-5, "1000", {1}),
+                          "a process started under the agent tuned from its process events", EVENT_BOUND)
+        print(f"host process started under the agent: tuned {1000 * (time.monotonic() - started):.1f} ms after spawn")
+
+        # Deleting the policy: the profile goes once the agent has reverted, and the host is as it was.
+        cluster.delete_cluster_custom_object(G, V, profiles.POLICY_PLURAL, POLICY)
+        server.wait_for(lambda: not profile(server), GUARD, "the profile was never released (no Reverted report)")
+        assert host_state(host_objects) == before
+        assert (os.getpriority(os.PRIO_PROCESS, late.pid), read(f"/proc/{late.pid}/timerslack_ns"),
+                os.sched_getaffinity(late.pid)) == inherited
+        assert journal_entries(agent_values) == 0
+    finally:
+        late.kill()
+        late.wait(GUARD)
     assert second.stop() == 0, second.logs()[-3000:]
 
 
