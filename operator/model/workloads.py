@@ -286,13 +286,7 @@ class Discovery:
         for pid in sorted(listed if pids is None else pids):
             paths = self._cgroup_paths(pid)
             group = next((path for names, path in paths if not names), paths[0][1] if paths else "")
-            for name in self.fs.listdir(f"proc/{pid}/task"):
-                if not name.isdigit():
-                    continue
-                tid = int(name)
-                stat = self._stat(f"proc/{pid}/task/{tid}/stat")
-                if stat is None or stat.state in "ZX":
-                    continue
+            for tid, stat in self._live_tasks(pid):
                 key = task_key(pid, tid, stat.start, "affinity")
                 original = self.fs.overrides.get(key)
                 try:
@@ -402,14 +396,17 @@ class Discovery:
             self._processes[pid, pod] = process
         return process
 
-    def _threads(self, pid: int) -> Iterator[Task]:
+    def _live_tasks(self, pid: int) -> Iterator[tuple[int, Stat]]:
+        """(tid, stat) of each thread of ``pid`` that is neither a zombie nor dead."""
         for name in self.fs.listdir(f"proc/{pid}/task"):
             if not name.isdigit():
                 continue
-            tid = int(name)
-            stat = self._stat(f"proc/{pid}/task/{tid}/stat")
-            if stat is None or stat.state in "ZX":
-                continue
+            stat = self._stat(f"proc/{pid}/task/{name}/stat")
+            if stat is not None and stat.state not in "ZX":
+                yield int(name), stat
+
+    def _threads(self, pid: int) -> Iterator[Task]:
+        for tid, stat in self._live_tasks(pid):
             try:
                 attrs = self.backend.attrs(pid, tid)
             except (OSError, ValueError, taskattrs.Unsupported):
