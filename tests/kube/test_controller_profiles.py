@@ -364,3 +364,16 @@ def test_conflicts_are_a_condition_on_the_losing_policy_and_one_warning() -> Non
     low_again = controller.parse({**low.body, "status": decision.statuses["low"]})
     high_again = controller.parse({**high.body, "status": decision.statuses["high"]})
     assert controller.decide([high_again, low_again], cluster, {}, LATER).warnings == ()
+
+
+def test_policy_status_counts_the_nodes_over_their_latency_budget() -> None:
+    p = controller.parse(body("p", generation=2))
+    spec = profiles.profile_spec([p.chosen])  # type: ignore[list-item]
+    cluster = nodes(("a", {}), ("b", {}), ("c", {}), ("d", {}))
+    profiles_now = {name: reported(existing(name, spec, 2)) for name in cluster}
+    for name, verdict in (("a", "OverBudget"), ("b", "WithinBudget"), ("c", "NoData")):
+        profiles_now[name]["status"]["latency"] = {"mode": "ebpf", "verdict": verdict, "workloads": []}
+    profiles_now["d"] = reported(existing("d", spec, 2), generation=1)  # stale: not counted
+    profiles_now["d"]["status"]["latency"] = {"mode": "ebpf", "verdict": "OverBudget", "workloads": []}
+    status = _status(controller.decide([p], cluster, profiles_now, NOW), "p")
+    assert status["overBudgetNodes"] == 1
