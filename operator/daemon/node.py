@@ -29,7 +29,17 @@ import time
 from collections.abc import Callable, Iterable
 
 from agentlat.operator.core import context, engine, journal
-from agentlat.operator.daemon import devices, drift, jobs, metrics, procevents, ratelimit, reconcile, status
+from agentlat.operator.daemon import (
+    devices,
+    drift,
+    jobs,
+    metrics,
+    observation,
+    procevents,
+    ratelimit,
+    reconcile,
+    status,
+)
 from agentlat.operator.model import host, policy, workloads
 from agentlat.tuners.kernel import cpulist, hostfs, uevents
 
@@ -52,6 +62,7 @@ class Options:
     uevent_buffer: int = uevents.DEFAULT_BUFFER
     kill_grace: float = 5.0  # after a stop, how long the running job may take before it is killed
     workers: int = 4  # device reactions at once (a block queue write waits ~30 ms for an RCU grace period)
+    wakeup_interval: float = 1.0  # the per-wakeup collector's flush interval (figures are per verify_interval)
 
 
 class NodeDaemon:
@@ -71,11 +82,15 @@ class NodeDaemon:
         self._drifts = drift.DriftCheck(self.options.limits, self.metrics)
         self._irqbalance = drift.IrqbalanceWatch(root, clock, self.options.irqbalance_scan_interval)
         self._irqs = devices.IrqWatch(root)
+        self._latency = observation.Watch(root, self.metrics, live=host.is_live(root),
+                                      interval_s=self.options.wakeup_interval)
         self._reconciler = reconcile.Reconciler(root, self._open_journal, self._status, self._drifts,
-                                                self._irqbalance, self._irqs, self.metrics, clock)
+                                                self._irqbalance, self._irqs, self.metrics, clock,
+                                                found=self._latency.planned)
         self._procs = procevents.Listener(root, desired=self._status.enforced, log=self._open_journal,
                                           selection=lambda: self._status.desired()[2], resync=self.overflowed,
-                                          full_running=lambda: self._queue.running("full"), registry=self.metrics)
+                                          full_running=lambda: self._queue.running("full"), registry=self.metrics,
+                                          found=self._latency.processes)
         now = clock()
         self._next_irq = now
         self._next_verify = now + self.options.verify_interval
@@ -112,6 +127,7 @@ class NodeDaemon:
                 self._loop(ctx, source, wake_r)
             finally:
                 self._procs.stop()
+                self._latency.stop()
                 self._queue.shut_down()
                 self._relay_stop()
                 self._join(workers)
@@ -122,7 +138,8 @@ class NodeDaemon:
                 self._wake_w = None
 
     def snapshot(self) -> status.NodeState:
-        return self._status.snapshot(self._drifts.view(self.clock()), self._procs.figures(), self._procs.degraded())
+        return self._status.snapshot(self._drifts.view(self.clock()), self._procs.figures(),
+                                     self._procs.degraded() + self._latency.degraded())
 
     def hotplug_latencies(self) -> tuple[float, ...]:
         """The last ``Options.latency_samples`` hotplug-to-tuned latencies (seconds), oldest first."""
@@ -179,8 +196,10 @@ class NodeDaemon:
             self._next_resync = now + self.options.resync_interval
 
     def observe(self) -> None:
-        """Experiment C: the agent CPUs' IRQ load and agent run delay since the last look (see :mod:`status`)."""
+        """Experiment C since the last look: the agent CPUs' IRQ load and agent run delay from /proc (see
+        :mod:`status`) and, where bpftrace runs, every wakeup of the agent workloads (see :mod:`observation`)."""
         self._status.observe(self.root)
+        self._status.wakeups(self._latency.take())
 
     def check_irqs(self) -> None:
         """New IRQ numbers get planned; gone ones are forgotten."""

@@ -32,7 +32,7 @@ import pathlib
 import select
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.daemon import metrics
@@ -44,6 +44,8 @@ from agentlat.tuners.kernel import procevents as kernel
 
 logger = logging.getLogger(__name__)
 Desired = Callable[[], tuple[policy.Policy | None, int | None]]
+# What a batch found: each wanted workload's processes among the looked-at PIDs, those PIDs, the exited PIDs.
+Found = Callable[[Mapping[str, workloads.Found], frozenset[int], list[int]], None]
 LIVE = pathlib.Path("/")
 PRIORITY_NICE = -10
 
@@ -96,7 +98,7 @@ class Listener:
     def __init__(self, root: pathlib.Path, *, desired: Desired, log: Callable[[], journal.Journal],
                  selection: Callable[[], workloads.Selection | None], full_running: Callable[[], bool],
                  resync: Callable[[str], None], registry: metrics.Metrics | None = None,
-                 options: Options | None = None,
+                 options: Options | None = None, found: Found | None = None,
                  source: Callable[[], kernel.ProcEventSocket] | None = None) -> None:
         self.root = root
         self.options = options or Options()
@@ -106,6 +108,7 @@ class Listener:
         self._full_running = full_running
         self._resync = resync
         self._metrics = registry
+        self._found = found or (lambda processes, looked, exited: None)
         self._source_factory = source or (lambda: kernel.ProcEventSocket(self.options.buffer_bytes))
         self._cv = threading.Condition()
         self._looks: dict[int, _Pending] = {}
@@ -262,19 +265,23 @@ class Listener:
 
     def handle(self, looks: dict[int, _Pending], exits: list[tuple[int, int | None]]) -> None:
         """One batch: forget exited threads, then tune the PIDs that need a look."""
+        exited = [pid for pid, tid in exits if tid is None]
         if exits:
             self._log().forget_tasks(exits)
         effective, generation = self._desired()
         if effective is None or effective.mode == "DryRun" or not looks:
+            self._found({}, frozenset(), exited)
             return
         pids = frozenset(looks)
         template = self._model_template(effective, generation)
         if template is None:
+            self._found({}, frozenset(), exited)
             return
         base_host, cpus = template
         discovery = workloads.Discovery(ProcFS(self.root, pids), cgroups=self._cgroups)
         model = host.with_processes(base_host, discovery, selection=self._selection(), wanted=effective.workloads,
                                     threads=pids if effective.isolation.move_threads else False)
+        self._found(model.found, pids, exited)
         actions = list(_actions(effective, model, cpus, pids))
         with self._lock:
             self.counts["batches"] += 1

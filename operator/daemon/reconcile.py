@@ -8,23 +8,25 @@ from __future__ import annotations
 import errno
 import logging
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.daemon import devices, drift, jobs, metrics, status
 from agentlat.operator.model import errors, host, plan, policy, workloads
 from agentlat.tuners import base, registry
-from agentlat.tuners.kernel import hostfs, irqbalance
+from agentlat.tuners.kernel import cpulist, hostfs, irqbalance
 
 logger = logging.getLogger(__name__)
+Found = Callable[[policy.Policy | None, Mapping[str, workloads.Found], cpulist.CpuSet], None]
 _GONE_ERRNOS = (errno.ENOENT, errno.ENODEV, errno.ESRCH)
 
 
 class Reconciler:
     def __init__(self, root: pathlib.Path, log: Callable[[], journal.Journal], state: status.Status,
                  drifts: drift.DriftCheck, irqbalance_watch: drift.IrqbalanceWatch, irq_watch: devices.IrqWatch,
-                 metrics: metrics.Metrics, clock: Callable[[], float]) -> None:
+                 metrics: metrics.Metrics, clock: Callable[[], float], found: Found | None = None) -> None:
         self.root = root
+        self.found = found or (lambda effective, processes, agent_cpus: None)
         self.journal = log
         self.status = state
         self.drifts = drifts
@@ -55,6 +57,7 @@ class Reconciler:
             report = engine.revert(ctx, log, self.root)
             self.status.record(report, job.key, reaction=False)
             self.status.full(report, generation, None)
+            self.found(None, {}, frozenset())
             return
         self.irq_watch.baseline()
         planned = self._plan(job, effective, selection, hostfs.HostFS(self.root, overrides=engine.original_view(log)))
@@ -63,6 +66,7 @@ class Reconciler:
         model, the_plan = planned
         self.status.planned(_planned(effective, model, the_plan))
         self.irqbalance_watch.planned(model)
+        self.found(effective, model.found, the_plan.cpus.agent)
         if effective.mode == "DryRun":
             logger.info("generation %s is DryRun: %d actions planned, nothing written", generation,
                         len(the_plan.actions))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from agentlat.operator.core import engine
-from agentlat.operator.daemon import metrics
+from agentlat.operator.daemon import metrics, observation
 from agentlat.operator.model import plan, policy, workloads
 from agentlat.operator.observe import coarse, stats
 from agentlat.tuners.kernel import cpulist, irqbalance
@@ -45,6 +45,7 @@ class Measurements:
     overflows: int
     reactions: int
     observed: Mapping[str, float] = dataclasses.field(default_factory=dict)  # see coarse.Observation.on_agent
+    latency: observation.Report | None = None  # per-wakeup figures of the agent workloads (or why coarse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +81,7 @@ class NodeState:
                              "contested": m.contested, "flapping": list(m.flapping), "uevents": m.uevents,
                              "ueventOverflows": m.overflows, "reactions": m.reactions, **m.observed},
             "irqbalance": list(self.irqbalance),
+            **({"latency": m.latency.to_dict()} if m.latency is not None else {}),
         }
 
 
@@ -124,6 +126,7 @@ class Status:
         self._counters: collections.Counter[str] = collections.Counter()  # uevents, overflows, reactions
         self._sample: coarse.Sample | None = None
         self._observation: dict[str, float] = {}
+        self._latency: observation.Report | None = None
 
     # -- what is wanted -----------------------------------------------------------------------------------
 
@@ -227,6 +230,11 @@ class Status:
         if budget is not None:
             self.metrics.step_budget.set(budget / 1e6)
 
+    def wakeups(self, report: observation.Report | None) -> None:
+        """The per-wakeup observation of the last interval (:mod:`observation`)."""
+        with self._lock:
+            self._latency = report
+
     # -- the report ---------------------------------------------------------------------------------------
 
     def snapshot(self, drifting: Drifting, observed: Mapping[str, float] | None = None,
@@ -241,7 +249,7 @@ class Status:
                 hotplug_samples=len(samples), drift_corrections=drifting.corrections, contested=drifting.contested,
                 flapping=drifting.flapping, uevents=self._counters["uevents"],
                 overflows=self._counters["overflows"], reactions=self._counters["reactions"],
-                observed={**self._observation, **(observed or {})})
+                observed={**self._observation, **(observed or {})}, latency=self._latency)
             planned = self._planned
             return NodeState(
                 policy=effective.name if effective is not None else None,

@@ -46,6 +46,7 @@ BACKOFFS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 MAX_RESULTS = 64
 MAX_SKIPPED = 64
 MAX_IRQBALANCE = 8
+MAX_LATENCY_WORKLOADS = 32
 DONE_PHASES = ("Succeeded", "Failed")
 _OK = frozenset({"Applied", "Unchanged", "Reverted"})
 
@@ -239,6 +240,8 @@ def profile_status(state: daemon.NodeState, generation: int, *, deleting: bool, 
         "irqbalance": [line[:512] for line in state.irqbalance[:MAX_IRQBALANCE]],
         "measurements": state.to_dict()["measurements"],
     }
+    if state.measurements.latency is not None:
+        status["latency"] = latency_status(state.measurements.latency.to_dict())
     if state.generation is not None:
         status["appliedGeneration"] = state.generation
     if state.policy is not None:
@@ -258,9 +261,18 @@ def replacing(previous: Mapping[str, Json], new: Mapping[str, Json]) -> dict[str
     return patch
 
 
+def latency_status(report: Mapping[str, Json]) -> dict[str, Json]:
+    """The daemon's latency report within the CRD's bounds."""
+    return {**report, "workloads": list(report.get("workloads") or ())[:MAX_LATENCY_WORKLOADS]}
+
+
 def _without_times(status: Mapping[str, Json], measurements: bool = True) -> str:
+    """``measurements=False``: without what moves all the time (measurements, latency figures and verdicts);
+    a change of the latency mode (ebpf, coarse, idle) is written at once."""
     conditions = [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status.get("conditions") or ()]
-    shown = {k: v for k, v in status.items() if measurements or k != "measurements"}
+    shown = {k: v for k, v in status.items() if measurements or k not in ("measurements", "latency")}
+    if not measurements and "latency" in status:
+        shown["latency"] = status["latency"].get("mode")
     return json.dumps({**shown, "conditions": conditions}, sort_keys=True)
 
 

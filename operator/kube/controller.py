@@ -225,6 +225,7 @@ def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mappin
     # What the nodes run: the current generation, or the last valid one while the current is invalid.
     wanted = parsed.effective.generation if parsed.effective is not None else None
     applied, degraded, drifted, waiting = [], [], [], []
+    over_budget = 0
     for node in matched:
         profile = existing.get(node)
         result = profiles.node_result(profile) if profile is not None else None
@@ -241,6 +242,7 @@ def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mappin
             waiting.append(node)
         if result.drifted:
             drifted.append(node)
+        over_budget += result.over_budget
     conditions = _conditions(parsed, matched, applied, degraded, waiting, conflicts)
     previous = {c.get("type"): c for c in old.get("conditions") or ()}
     stamped = []
@@ -250,7 +252,8 @@ def policy_status(parsed: ParsedPolicy, matched: Sequence[str], existing: Mappin
         stamped.append({**entry, "observedGeneration": generation,
                         "lastTransitionTime": before["lastTransitionTime"] if same and before else now})
     return {"observedGeneration": generation, "matchedNodes": len(matched), "appliedNodes": len(applied),
-            "degradedNodes": len(degraded), "driftedNodes": len(drifted), "conditions": stamped}
+            "degradedNodes": len(degraded), "driftedNodes": len(drifted), "overBudgetNodes": over_budget,
+            "conditions": stamped}
 
 
 def _conditions(parsed: ParsedPolicy, matched: Sequence[str], applied: Sequence[str],
@@ -305,7 +308,7 @@ def _names(nodes: Sequence[str]) -> str:
 
 
 def _comparable(status: Mapping[str, Json]) -> Json:
-    keys = ("observedGeneration", "matchedNodes", "appliedNodes", "degradedNodes", "driftedNodes")
+    keys = ("observedGeneration", "matchedNodes", "appliedNodes", "degradedNodes", "driftedNodes", "overBudgetNodes")
     conditions = [{k: v for k, v in c.items()} for c in status.get("conditions") or ()]
     return [status.get(key) for key in keys], conditions
 

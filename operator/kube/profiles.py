@@ -231,6 +231,7 @@ class NodeResult:
     drifted: bool
     reverted: bool
     message: str
+    over_budget: bool = False  # the agent's last latency verdict (status.latency) is OverBudget
 
 
 def condition(obj: Mapping[str, Json], kind: str) -> Mapping[str, Json] | None:
@@ -259,8 +260,10 @@ def node_result(profile: Mapping[str, Json]) -> NodeResult:
     applied = condition(profile, "Applied") or {}
     # A DryRun node is done once it has planned and reported: it counts as applied (nothing to write).
     done = applied.get("status") == "True" or applied.get("reason") == "DryRun"
+    over_budget = (status.get("latency") or {}).get("verdict") == "OverBudget"
     return NodeResult(current, current and done and not degraded, current and degraded,
-                      current and is_true(profile, "Drifted"), is_true(profile, "Reverted"), message)
+                      current and is_true(profile, "Drifted"), is_true(profile, "Reverted"), message,
+                      current and over_budget)
 
 
 def sources(profile: Mapping[str, Json]) -> dict[str, int]:

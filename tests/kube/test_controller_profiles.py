@@ -394,3 +394,16 @@ def test_invalid_policy_with_no_known_valid_generation_freezes_the_profiles_it_i
     decision = controller.decide([bad, other], nodes(("a", {}), ("b", {})), live, NOW)
     assert [(op.kind, op.node) for op in decision.ops] == [("create", "b")]
     assert decision.statuses["p"]["matchedNodes"] == 1
+
+
+def test_policy_status_counts_the_nodes_over_their_latency_budget() -> None:
+    p = controller.parse(body("p", generation=2))
+    spec = profiles.profile_spec([p.chosen])  # type: ignore[list-item]
+    cluster = nodes(("a", {}), ("b", {}), ("c", {}), ("d", {}))
+    profiles_now = {name: reported(existing(name, spec, 2)) for name in cluster}
+    for name, verdict in (("a", "OverBudget"), ("b", "WithinBudget"), ("c", "NoData")):
+        profiles_now[name]["status"]["latency"] = {"mode": "ebpf", "verdict": verdict, "workloads": []}
+    profiles_now["d"] = reported(existing("d", spec, 2), generation=1)  # stale: not counted
+    profiles_now["d"]["status"]["latency"] = {"mode": "ebpf", "verdict": "OverBudget", "workloads": []}
+    status = _status(controller.decide([p], cluster, profiles_now, NOW), "p")
+    assert status["overBudgetNodes"] == 1
