@@ -82,7 +82,7 @@ class NodeDaemon:
         self._drifts = drift.DriftCheck(self.options.limits, self.metrics)
         self._irqbalance = drift.IrqbalanceWatch(root, clock, self.options.irqbalance_scan_interval)
         self._irqs = devices.IrqWatch(root)
-        self._latency = observation.Watch(root, self.metrics, live=host.is_live(root),
+        self._latency = observation.Watch(root, self.metrics, live=hostfs.is_live(root),
                                       interval_s=self.options.wakeup_interval)
         self._reconciler = reconcile.Reconciler(root, self._open_journal, self._status, self._drifts,
                                                 self._irqbalance, self._irqs, self.metrics, clock,
