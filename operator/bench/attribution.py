@@ -84,7 +84,8 @@ def _comm(root: pathlib.Path, pid: int) -> str:
 
 def summary(snapshots: Sequence[wakeups.Snapshot], agent: cpulist.CpuSet) -> dict[str, Any]:
     """Median over runs of the per-wakeup percentiles, their spread, and the offenders of all runs together
-    (tasks by comm, since their pids differ from run to run)."""
+    (tasks by comm, since their pids differ from run to run). ``self`` marks the probe's own processes: the
+    cyclictest it starts and the probe reading its output run at the same priority on the agent CPU."""
     if not snapshots:
         return {}
     last = snapshots[-1]
@@ -118,7 +119,8 @@ def _offenders(runs: Sequence[wakeups.WorkloadLatency]) -> list[dict[str, Any]]:
             key = (item.kind, item.name if item.kind == "task" else item.label)
             total[key] = total.get(key, 0.0) + item.time_us
     ranked = sorted(total.items(), key=lambda pair: -pair[1])[:TOP]
-    return [{"kind": kind, "name": name, "millis": round(us / 1000, 2)} for (kind, name), us in ranked]
+    return [{"kind": kind, "name": name, "millis": round(us / 1000, 2),
+             "self": kind == "task" and name == probe.PROBE_COMM} for (kind, name), us in ranked]
 
 
 def _per_second(per_run: Sequence[Any], agent: cpulist.CpuSet, seconds: float) -> dict[str, float]:

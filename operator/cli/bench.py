@@ -69,7 +69,8 @@ def _attribution_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"  {name}: {att['wakeups']} wakeups, p50 {att['p50Micros']:.0f} p99 {att['p99Micros']:.0f} "
                      f"p999 {att['p999Micros']:.0f} max {att['maxMicros']:.0f} us (p99 per run "
                      f"{'/'.join(f'{v:.0f}' for v in att['spread']['p99'])}), {att['overBudget']} over budget")
-        offenders = "; ".join(f"{item['name']} {item['millis']:.1f} ms" for item in att["offenders"]) or "none"
+        offenders = "; ".join(f"{item['name']}{' (the probe itself)' if item.get('self') else ''} "
+                              f"{item['millis']:.1f} ms" for item in att["offenders"]) or "none"
         lines.append(f"     top offenders: {offenders}")
         irq = {**att["irqMillisPerSecond"], **{f"softirq {k}": v for k, v in att["softirqMillisPerSecond"].items()}}
         busiest = sorted(irq.items(), key=lambda pair: -pair[1])[:3]

@@ -26,8 +26,8 @@ def test_bpf_summary_takes_medians_and_merges_task_offenders_by_comm_across_runs
     found = attribution.summary(runs, frozenset({1}))
     assert found["mode"] == "bpf" and found["wakeups"] == 3000 and found["overBudget"] == 36
     assert found["p99Micros"] == 200.0 and found["spread"]["p99"] == [100.0, 300.0, 200.0]
-    assert found["offenders"][0] == {"kind": "irq", "name": "irq 36 virtio1-req.0", "millis": 9.0}
-    assert found["offenders"][1] == {"kind": "task", "name": "stress-ng-cpu", "millis": 7.0}
+    assert found["offenders"][0] == {"kind": "irq", "name": "irq 36 virtio1-req.0", "millis": 9.0, "self": False}
+    assert found["offenders"][1] == {"kind": "task", "name": "stress-ng-cpu", "millis": 7.0, "self": False}
     # only the agent CPU's IRQ time, per second of all runs
     assert found["softirqMillisPerSecond"] == {"NET_RX": round(3 * 2.0 / 30, 3)}
 
@@ -80,13 +80,15 @@ def _report(found: dict[str, dict[str, object]]) -> dict[str, object]:
 
 
 def test_table_shows_a_b_d_side_by_side_with_d_over_b_and_what_was_not_restored() -> None:
-    bpf = attribution.summary([_snapshot(100.0, (wakeups.Offender("task", "noise", 3, 2000.0),))], frozenset({1}))
+    bpf = attribution.summary([_snapshot(100.0, (wakeups.Offender("task", "noise", 3, 2000.0),
+                                                  wakeups.Offender("task", "agent-probe", 4, 1000.0)))],
+                              frozenset({1}))
     text = cli_bench.table(_report({"A": bpf, "B": bpf, "D": bpf}))
     header = next(line for line in text.splitlines() if line.startswith("STAGE"))
     assert header.split() == ["STAGE", "A", "p50", "A", "p99", "A", "p999", "B", "p50", "B", "p99", "B", "p999",
                               "D", "p50", "D", "p99", "D", "p999", "B/A", "p99", "B/A", "p999", "D/B", "p99",
                               "D/B", "p999"]
-    assert "top offenders: noise 2.0 ms" in text
+    assert "top offenders: noise 2.0 ms; agent-probe (the probe itself) 1.0 ms" in text
     assert "B host restored after every revert: yes" in text
     assert "D host restored after every revert: NO, 1 values differ: proc/irq/5/smp_affinity: 1 -> 3" in text
     assert "D daemon (last run): procEventsTuned 2" in text
