@@ -237,7 +237,11 @@ def main() -> int:
     if missing:
         print(f"vs_tuna: missing {', '.join(missing)} (apt-get install tuna stress-ng rt-tests)", file=sys.stderr)
         return 2
-    agent = max(os.sched_getaffinity(0))
+    online = set(range(os.cpu_count() or 1))
+    if os.sched_getaffinity(0) != online:  # inherited from a shell started while something isolated CPUs
+        print(f"vs_tuna: this process was confined to CPUs {sorted(os.sched_getaffinity(0))}: widened", flush=True)
+        os.sched_setaffinity(0, online)
+    agent = max(online)
     phases = [name for name in args.phases.split(",") if name in PHASES]
     results: dict[str, list[stats.Summary]] = {name: [] for name in phases}
     problems: list[str] = []

@@ -92,7 +92,9 @@ def default_policy(online: cpulist.CpuSet) -> policy.Policy:
 
 
 def run(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    cpus, _ = planner.resolve_cpus(config.policy, host.read(ROOT), "--policy")
+    model = host.read(ROOT)
+    cpus, _ = planner.resolve_cpus(config.policy, model, "--policy")
+    _unconfine(model.online, progress)
     probe_config = probe.ProbeConfig(duration_s=config.duration_s, timer_source=config.timer_source)
     mix = noise.NoiseConfig(kinds=config.noise_kinds, duration_s=probe.expected_runtime_s(probe_config) + 60)
     measured = {name: Experiment() for name in config.experiments}
@@ -109,6 +111,16 @@ def run(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -
                 progress(f"run {index}/{config.runs}, experiment {name}: about {seconds:.0f} s")
                 _one(name, setup, state / name, experiment)
     return _report(config, cpus.agent, measured, floor)
+
+
+def _unconfine(online: cpulist.CpuSet, progress: Callable[[str], None]) -> None:
+    """The probe and noise inherit this process's affinity: a narrower one inherited from whoever started
+    it (say, a shell started while another tool isolated CPUs) would make A something other than the host
+    as it is."""
+    mine = frozenset(os.sched_getaffinity(0))
+    if mine != online:
+        progress(f"this process was confined to CPUs {cpulist.format(mine)}: widened to {cpulist.format(online)}")
+        os.sched_setaffinity(0, online)
 
 
 def _one(name: str, setup: _Run, state: pathlib.Path, experiment: Experiment) -> None:
