@@ -14,7 +14,8 @@ cpu+udp+hdd noise mix, in four phases per round:
 tuna is an ORACLE here: Debian's package, run by this script only; the product never shells out to it.
 B and D are reverted (`agentlat revert`) after each round. After every phase the host is compared with
 what it was before (IRQs, RPS/XPS, workqueue mask, PM QoS, every surviving thread's affinity). Prints
-p99/p999 per phase per round, the median and spread over rounds, and the acceptance check of issue 14:
+p99/p999 per phase per round, the median and spread over rounds, how the agent's and the noise's threads ran
+mid-phase in the first round (policy, nice, timer slack, CPUs), and the acceptance check of issue 14:
 D's p99 and p999 within 15 % of B's, and at or below tuna's.
 
     sudo flock /tmp/agentlat-host.lock python benchmarks/vs_tuna.py [--rounds 3] [--seconds 15]
@@ -118,6 +119,41 @@ def launched(command: list[str], seconds: float, before_go: list[str]) -> list[f
     return [ns / 1000 for ns in probe.parse_cyclictest(out)]
 
 
+# --- what the agent and the noise run with, mid-phase -------------------------------------------------------------
+
+POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle"}
+
+
+def tuning() -> str:
+    """How each distinct setting of cyclictest's and stress-ng's threads looks: was the agent tuned, the noise
+    demoted?"""
+    seen: dict[str, set[str]] = {"cyclictest": set(), "stress-ng": set()}
+    for path in glob.glob("/proc/[0-9]*/task/[0-9]*"):
+        tid = int(path.rsplit("/", 1)[1])
+        try:
+            comm = pathlib.Path(path, "comm").read_text().strip()
+            fields = pathlib.Path(path, "stat").read_text().rsplit(")", 1)[1].split()
+            slack = pathlib.Path(f"/proc/{tid}/timerslack_ns").read_text().strip()
+            cpus = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(tid)))
+        except (OSError, IndexError):
+            continue
+        kind = "cyclictest" if comm == "cyclictest" else "stress-ng" if comm.startswith("stress-ng") else None
+        if kind is not None:  # stat after the comm: field 19 is nice, 41 the policy
+            seen[kind].add(f"{POLICIES.get(int(fields[38]), fields[38])} nice {fields[16]} slack {slack} "
+                           f"CPUs {cpus}")
+    return "; ".join(f"{kind}: {' | '.join(sorted(found)) or '-'}" for kind, found in seen.items())
+
+
+@contextlib.contextmanager
+def sampled(seconds: float, out: list[str]) -> Iterator[None]:
+    timer = threading.Timer(seconds, lambda: out.append(tuning()))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 # --- tuna: record and restore what it changes ----------------------------------------------------------------------
 
 
@@ -203,15 +239,16 @@ def revert(state: pathlib.Path) -> None:
 # --- the run -------------------------------------------------------------------------------------------------------
 
 
-def phase(name: str, agent: int, seconds: float, scratch: pathlib.Path, policy_file: pathlib.Path) -> list[float]:
+def phase(name: str, agent: int, seconds: float, scratch: pathlib.Path, policy_file: pathlib.Path,
+          seen: list[str]) -> list[float]:
     command = cyclictest(agent, int(seconds * 2000))
     state = scratch / f"state-{name}"
     if name == "D":
-        with daemon_running(policy_file, state), noise(seconds + 5, scratch):
+        with daemon_running(policy_file, state), noise(seconds + 5, scratch), sampled(seconds / 2 + 1, seen):
             samples = measure(command, seconds)
         revert(state)
         return samples
-    with noise(seconds + 5, scratch):
+    with noise(seconds + 5, scratch), sampled(seconds / 2 + 1, seen):
         if name == "default":
             return measure(command, seconds)
         if name == "tuna":
@@ -255,7 +292,10 @@ def main() -> int:
             cells = []
             for name in phases:
                 before = restored.fingerprint()
-                summary = stats.summarize(phase(name, agent, args.seconds, scratch, policy_file))
+                seen: list[str] = []
+                summary = stats.summarize(phase(name, agent, args.seconds, scratch, policy_file, seen))
+                if index == 1:
+                    print(f"  {name} mid-run: {seen[0] if seen else '-'}", flush=True)
                 left = restored.differences(before, restored.fingerprint())
                 problems += [f"round {index} {name}: {item}" for item in left]
                 results[name].append(summary)
