@@ -14,8 +14,9 @@ cpu+udp+hdd noise mix, in four phases per round:
 tuna is an ORACLE here: Debian's package, run by this script only; the product never shells out to it.
 B and D are reverted (`agentlat revert`) after each round. After every phase the host is compared with
 what it was before (IRQs, RPS/XPS, workqueue mask, PM QoS, every surviving thread's affinity). Prints
-p99/p999 per phase per round, the median and spread over rounds, how the agent's and the noise's threads ran
-mid-phase in the first round (policy, nice, timer slack, CPUs), and the acceptance check of issue 14:
+p99/p999 per phase per round (and when in the run the maximum came), the median and spread over rounds,
+how the agent's and the noise's threads ran mid-phase in the first round (policy, nice, timer slack, CPUs),
+and the acceptance check of issue 14:
 D's p99 and p999 within 15 % of B's, and at or below tuna's.
 
     sudo flock /tmp/agentlat-host.lock python benchmarks/vs_tuna.py [--rounds 3] [--seconds 15]
@@ -293,13 +294,15 @@ def main() -> int:
             for name in phases:
                 before = restored.fingerprint()
                 seen: list[str] = []
-                summary = stats.summarize(phase(name, agent, args.seconds, scratch, policy_file, seen))
+                samples = phase(name, agent, args.seconds, scratch, policy_file, seen)
+                summary = stats.summarize(samples)
+                worst = samples.index(summary.max) * 0.5  # ms into the run (one sample per 500 us)
                 if index == 1:
                     print(f"  {name} mid-run: {seen[0] if seen else '-'}", flush=True)
                 left = restored.differences(before, restored.fingerprint())
                 problems += [f"round {index} {name}: {item}" for item in left]
                 results[name].append(summary)
-                cells.append(f"{name} {summary.p99:.0f} / {summary.p999:.0f}")
+                cells.append(f"{name} {summary.p99:.0f} / {summary.p999:.0f} (max {summary.max:.0f} at {worst:.0f} ms)")
             print(f"round {index}: " + "   ".join(cells), flush=True)
     print()
     print(f"{'phase':<9} {'p99 median':>10} {'p99 min-max':>13} {'p999 median':>11} {'p999 min-max':>13} "
