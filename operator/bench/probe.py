@@ -622,7 +622,8 @@ def _cyclictest_command(config: ProbeConfig, sched: SchedState, tmpdir: str, loo
     link = os.path.join(tmpdir, PROBE_COMM)
     if not os.path.lexists(link):
         os.symlink(shutil.which("cyclictest") or "cyclictest", link)
-    command = [link, "-q", "-v", "-N", "-t1", "--default-system"]
+    # -d 0: cyclictest adds the thread distance (500 us by default) to the interval even of its only thread
+    command = [link, "-q", "-v", "-N", "-t1", "-d", "0", "--default-system"]
     command += ["-i", str(config.interval_us), "-l", str(loops), "--policy", sched.policy]
     if sched.policy in ("fifo", "rr"):
         command += ["-p", str(sched.priority)]

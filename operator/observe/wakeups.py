@@ -16,6 +16,9 @@ workload as an offender for its overlap with the wait. What ran and finished bef
 is not charged, so each slow wakeup can under-count by at most its budget. Task time includes the IRQ
 time nested in it, as /proc does.
 
+A wakeup stamped on another CPU can carry a later time than an event this CPU stamped just before reading
+it (the two race): such a pair is neither measured nor charged, instead of wrapping to 2^64 ns.
+
 Histograms are log-linear in nanoseconds (8 sub-buckets per power of two: ±6.25 % around the reported
 bucket midpoint), cleared every interval, so every map stays bounded by the keys one interval can make.
 """
@@ -75,7 +78,7 @@ def _bucket_code(value: str, out: str) -> str:
 
 def _charge(target: str, start: str) -> str:
     """Charge [max(start, oldest pending wakeup), now] to target when that wakeup is over budget."""
-    return (f"$p = @pend_ts[cpu]; if ($p) {{ $wl = @pend_wl[cpu]; if ($now - $p > @budget[$wl]) {{ "
+    return (f"$p = @pend_ts[cpu]; if ($p && $now > $p) {{ $wl = @pend_wl[cpu]; if ($now - $p > @budget[$wl]) {{ "
             f"$s = {start}; if ($s < $p) {{ $s = $p; }} {target} = sum($now - $s); }} }}")
 
 
@@ -117,10 +120,12 @@ tracepoint:sched:sched_switch {{
   @on_ts[cpu] = $now;
   $t = @wake[args->next_pid];
   if ($t) {{
-    $d = $now - $t; $w = @member[args->next_pid];
-    {_bucket_code("$d", "$b")}
-    @lat[$w, $b] = count(); @lat_max[$w] = max($d);
-    if ($d > @budget[$w]) {{ @slow[$w] = count(); }}
+    if ($now > $t) {{
+      $d = $now - $t; $w = @member[args->next_pid];
+      {_bucket_code("$d", "$b")}
+      @lat[$w, $b] = count(); @lat_max[$w] = max($d);
+      if ($d > @budget[$w]) {{ @slow[$w] = count(); }}
+    }}
     $q = @wcpu[args->next_pid];
     delete(@wake[args->next_pid]); delete(@wcpu[args->next_pid]);
     @pend_n[$q] = @pend_n[$q] - 1;

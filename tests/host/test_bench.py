@@ -1,5 +1,6 @@
 """`agentlat bench` end to end on the real machine, short: structure of the report, the policy really
-applied in B, and nothing left behind (IRQs restored, no probe or noise processes)."""
+applied in B, the daemon started first finding and tuning the probe by itself in D, and nothing left
+behind (the host as it was, no probe or noise processes)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from tests.plugins import realhost
 pytestmark = pytest.mark.host
 
 
-def test_short_bench_reports_a_b_c_and_restores_the_host(real_host_guard: dict[str, str],
+def test_short_bench_reports_a_b_c_d_and_restores_the_host(real_host_guard: dict[str, str],
                                                          tmp_path: pathlib.Path) -> None:
     before = realhost.read_guarded()
     plot = tmp_path / "cdf.png"
@@ -28,11 +29,20 @@ def test_short_bench_reports_a_b_c_and_restores_the_host(real_host_guard: dict[s
     report = json.loads(proc.stdout)
     assert set(report["stages"]) >= {"timer", "eventfd", "tcp", "disk", "step"}
     for stage in report["stages"].values():
-        assert stage["A"]["n"] > 0 and stage["B"]["n"] > 0
-        assert stage["spread"]["A"]["runs"] == 1
-    assert report["schedB"]["policy"] == "fifo" and report["schedB"]["affinity"] == [int(report["agentCpus"])]
+        assert all(stage[name]["n"] > 0 for name in "ABD")
+        assert stage["spread"]["D"]["runs"] == 1
+    agent = [int(report["agentCpus"])]
+    for name in "BD":  # D: tuned by the daemon alone, before the probe's first step
+        assert report["sched"][name]["policy"] == "fifo" and report["sched"][name]["affinity"] == agent
+    assert report["sched"]["A"]["policy"] == "other"
     assert report["applied"][0].get("Applied", 0) > 0
-    assert report["attribution"]["A"]["agentRunDelayP99Micros"] > 0
+    assert report["daemon"][0]["procEventsTuned"] >= 1
+    assert report["restored"] == {"B": [[]], "D": [[]]}
+    attribution = report["attribution"]["A"]
+    if attribution["mode"] == "bpf":
+        assert attribution["wakeups"] > 0 and attribution["p99Micros"] > 0
+    else:
+        assert attribution["reason"] and attribution["agentRunDelayP99Micros"] > 0
     assert plot.stat().st_size > 10_000
     assert realhost.read_guarded() == before
     assert noise.leftovers() == []

@@ -173,3 +173,12 @@ def test_collector_without_bpftrace_is_coarse_and_says_so(monkeypatch: pytest.Mo
         snap = collector.snapshot()
     assert snap.mode == "coarse" and "bpftrace is not installed" in snap.reason
     assert snap.coarse is not None and math.isfinite(snap.seconds)
+
+
+def test_a_wakeup_stamped_after_this_cpu_read_the_clock_is_neither_measured_nor_charged() -> None:
+    """sched_wakeup runs on the waker's CPU: its stamp can be later than the `$now` this CPU took just
+    before reading it. Unsigned, `$now - stamp` would wrap to ~2^64 ns (an offender of 18446744073709 ms)."""
+    text = wakeups.program(1, 1.0, 10.0)
+    assert text.count("if ($p && $now > $p)") == 3  # the task, IRQ and softirq charges
+    measured = text.split("$t = @wake[args->next_pid];", 1)[1]
+    assert measured.index("if ($now > $t)") < measured.index("$d = $now - $t")
