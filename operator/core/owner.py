@@ -33,9 +33,9 @@ def claim(log: journal.Journal, root: pathlib.Path) -> None:
     """Take ``root`` for ``log``'s state dir; RootOwned (exit 4) when another state dir journals it."""
     path = marker(root)
     mine = str(log.state_dir.resolve())
-    holder = _holder(path, root)
-    if holder is not None and holder != mine and _journals_something(pathlib.Path(holder), log.boot_id,
-                                                                      hostfs.is_live(root)):
+    holder, namespace = _holder(path, root)
+    unseen = hostfs.is_live(root) and namespace != _mount_ns()
+    if holder is not None and holder != mine and _journals_something(pathlib.Path(holder), log.boot_id, unseen):
         raise journal.RootOwned(f"{root} is already tuned through the state dir {holder}: use --state {holder} "
                                 f"(or `agentlat revert --state {holder}` first; if that dir is gone, delete {path})")
     log.set_meta("root", str(root.resolve()))
@@ -44,7 +44,8 @@ def claim(log: journal.Journal, root: pathlib.Path) -> None:
     with contextlib.suppress(OSError):  # no writable /run (an unprivileged fixture run): the meta still names it
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".{os.getpid()}")
-        tmp.write_text(json.dumps({"state": mine, "root": str(root.resolve()), "pid": os.getpid()}) + "\n")
+        tmp.write_text(json.dumps({"state": mine, "root": str(root.resolve()), "pid": os.getpid(),
+                                   "mountNamespace": _mount_ns()}) + "\n")
         os.replace(tmp, path)
 
 
@@ -53,28 +54,38 @@ def release(log: journal.Journal, root: pathlib.Path) -> None:
     if log.entries(current_boot_only=False):
         return
     path = marker(root)
-    if _holder(path, root) == str(log.state_dir.resolve()):
+    if _holder(path, root)[0] == str(log.state_dir.resolve()):
         with contextlib.suppress(OSError):
             path.unlink()
 
 
-def _holder(path: pathlib.Path, root: pathlib.Path) -> str | None:
-    """The owning state dir; None for no marker, or one left by another root whose inode this one reuses."""
+def _holder(path: pathlib.Path, root: pathlib.Path) -> tuple[str | None, int | None]:
+    """The owning state dir and the mount namespace it was claimed from; None for no marker, or one left by
+    another root whose inode this one reuses."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return None, None
     if not isinstance(data, dict) or "state" not in data:
-        return None
+        return None, None
     if not hostfs.is_live(root) and data.get("root") != str(root.resolve()):
+        return None, None
+    namespace = data.get("mountNamespace")
+    return str(data["state"]), namespace if isinstance(namespace, int) else None
+
+
+def _mount_ns() -> int | None:
+    try:
+        return os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
         return None
-    return str(data["state"])
 
 
-def _journals_something(state_dir: pathlib.Path, boot_id: str, live: bool) -> bool:
-    """Whether the holder still journals originals of this boot. On a live host, a holder we cannot see
-    (its state dir is in another mount namespace: a node agent's) is assumed to."""
+def _journals_something(state_dir: pathlib.Path, boot_id: str, unseen: bool) -> bool:
+    """Whether the holder still journals originals of this boot. A holder whose state dir is missing is
+    assumed to when it claimed the root from another mount namespace (a node agent's hostPath we cannot
+    see: ``unseen``); missing in our own mount namespace, it was deleted and its marker is stale."""
     if not state_dir.is_dir():
-        return live
+        return unseen
     kept, _ = journal.replay(state_dir / journal.BACKUP)
     return any(boot == boot_id for _, _, boot in kept)
