@@ -81,10 +81,8 @@ class SchedTuner:
 
     def read(self, root: pathlib.Path, target: str) -> str:
         pid, tid, start, attr = workloads.parse_key(target)
-        _check_start(root, pid, tid, start)
-        attrs = taskattrs.backend(root).attrs(pid, tid)
-        _check_start(root, pid, tid, start)
-        value = taskattrs.attr_value(attrs, attr)
+        value = taskattrs.backend(root).value(pid, tid, attr)
+        _check_start(root, pid, tid, start)  # a thread started at START still holds TID: the value was its own
         if value is None:
             raise base.Unsupported(f"the kernel does not report the {attr} of thread {tid}")
         return value
@@ -291,7 +289,8 @@ def _micros(ns: int) -> str:
 def _check_start(root: pathlib.Path, pid: int, tid: int, start: int) -> None:
     """Raise ProcessLookupError unless TID is still the thread the target was planned for."""
     try:
-        text = (root / "proc" / str(pid) / "task" / str(tid) / "stat").read_text()
+        with open(f"{root}/proc/{pid}/task/{tid}/stat", "rb") as file:
+            text = file.read().decode(errors="replace")
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"thread {tid} of pid {pid} is gone") from None
     except ProcessLookupError:

@@ -38,8 +38,8 @@ from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.daemon import metrics
 from agentlat.operator.model import errors, host, plan, policy, workloads
 from agentlat.operator.observe import stats
-from agentlat.tuners import cgroup, isolation, sched
-from agentlat.tuners.kernel import hostfs
+from agentlat.tuners import base, cgroup, isolation, sched
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 from agentlat.tuners.kernel import procevents as kernel
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Options:
     scan_interval: float = 3.0  # /proc scan when there are no process events
     stray_interval: float = 10.0  # isolation check over every thread
     full_wait: float = 0.02  # how often to look whether the daemon's full reconcile is done
+    coalesce: float = 0.002  # a batch waits this long after its first event: what exits meanwhile costs nothing
     latency_samples: int = 4096
     buffer_bytes: int = kernel.DEFAULT_BUFFER
 
@@ -61,6 +62,39 @@ class Options:
 class _Pending:
     stamp_ns: int  # the kernel's CLOCK_MONOTONIC of the earliest event behind this look
     events: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Affinity:
+    tuner: str
+    original: str | None  # the first one recorded: what the task held before any tuner moved it
+    desired: str  # the last one: what it holds now
+
+
+@dataclasses.dataclass(frozen=True)
+class _Journaled:
+    """What the journal holds for tasks, as of ``version``: which exits need forgetting, and the affinity
+    originals new tasks inherit."""
+
+    version: tuple[int, int]
+    pids: frozenset[int]
+    threads: dict[tuple[int, int], _Affinity]  # (pid, tid) -> its affinity rows
+    tuners: dict[str, tuple[str, ...]]  # affinity target -> the tuners holding a row for it, oldest first
+
+    @classmethod
+    def read(cls, log: journal.Journal, version: tuple[int, int]) -> _Journaled:
+        pids: set[int] = set()
+        threads: dict[tuple[int, int], _Affinity] = {}
+        tuners: dict[str, tuple[str, ...]] = {}
+        for entry in log.task_entries():
+            pid, tid, _start, attr = workloads.parse_key(entry.target)
+            pids.add(pid)
+            if attr != "affinity":
+                continue
+            first = threads.get((pid, tid))
+            threads[pid, tid] = _Affinity(entry.tuner, first.original if first else entry.original, entry.desired)
+            tuners[entry.target] = (*tuners.get(entry.target, ()), entry.tuner)
+        return cls(version, frozenset(pids), threads, tuners)
 
 
 class ProcFS(hostfs.HostFS):
@@ -77,19 +111,35 @@ class ProcFS(hostfs.HostFS):
             return [str(pid) for pid in sorted(self.pids)]
         if where in ("sys/class/net", "sys/block", "sys/bus/pci/devices", "proc/irq"):
             return []
+        if self._direct(rel):
+            try:
+                return sorted(os.listdir(f"/{rel}"))
+            except OSError:
+                return []
         return super().listdir(rel)
 
     def read(self, rel: str) -> str | None:
         text: str | None
-        if self.root == LIVE and not self.overrides and rel.startswith(("proc/", "sys/fs/cgroup/")):
+        if self._direct(rel):
             try:  # the live root: nothing to resolve against, and this is the hot path of every batch
-                with open(f"/{rel}", errors="replace") as file:
-                    text = file.read().rstrip("\n")
+                with open(f"/{rel}", "rb") as file:
+                    text = file.read().decode(errors="replace").rstrip("\n")
             except OSError:
                 return None
         else:
             text = super().read(rel)
         return text.partition("\n")[0] if rel == "proc/interrupts" and text is not None else text
+
+    def stat(self, pid: int) -> workloads.Stat | None:
+        """/proc/PID/stat, parsed; None when the process is gone."""
+        text = self.read(f"proc/{pid}/stat")
+        try:
+            return workloads.parse_stat(text) if text else None
+        except (ValueError, IndexError):
+            return None
+
+    def _direct(self, rel: str) -> bool:
+        return self.root == LIVE and not self.overrides and rel.startswith(("proc/", "sys/fs/cgroup/"))
 
 
 class Listener:
@@ -110,7 +160,9 @@ class Listener:
         self._cv = threading.Condition()
         self._looks: dict[int, _Pending] = {}
         self._exits: list[tuple[int, int | None]] = []
-        self._parents: dict[int, int] = {}  # live processes whose fork was seen -> their parent
+        self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
+        self._since = 0.0  # when the first of the pending events arrived
+        self._journaled: _Journaled | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
@@ -186,18 +238,20 @@ class Listener:
     def feed(self, events: Iterable[kernel.Event]) -> None:
         """Record what each event asks for; never blocks on anything but this short lock."""
         with self._cv:
+            if not self._looks and not self._exits:
+                self._since = time.monotonic()
             for event in events:
                 self.counts[event.kind] += 1
                 if event.kind == "exit":
                     whole = event.tid == event.pid
                     self._exits.append((event.pid, None if whole else event.tid))
+                    self._forks.pop(event.tid, None)
                     if whole:
                         self._looks.pop(event.pid, None)
-                        self._parents.pop(event.pid, None)
                     continue
                 pending = self._looks.get(event.pid)
-                if event.kind == "fork" and not event.is_thread:
-                    self._parents[event.pid] = event.parent_pid
+                if event.kind == "fork":
+                    self._forks[event.tid] = (event.pid, event.parent_pid, event.parent_tid)
                 if pending is None:
                     self._looks[event.pid] = _Pending(event.stamp_ns)
                     continue
@@ -233,6 +287,10 @@ class Listener:
                 if not self._looks and not self._exits:
                     wake = min(next_strays, next_scan if self._source is None else next_strays)
                     self._cv.wait(max(0.0, min(1.0, wake - time.monotonic())))
+                waiting = bool(self._looks or self._exits)
+                since = self._since
+            if waiting and self._stop.wait(since + self.options.coalesce - time.monotonic()):
+                return
             if self._stop.is_set():
                 return
             now = time.monotonic()
@@ -249,8 +307,9 @@ class Listener:
             with self._cv:
                 looks, self._looks = self._looks, {}
                 exits, self._exits = self._exits, []
+                forks, self._forks = self._forks, {}
             if looks or exits:
-                self._guard(functools.partial(self.handle, looks, exits))
+                self._guard(functools.partial(self.handle, looks, exits, forks))
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:
@@ -260,29 +319,40 @@ class Listener:
             with self._lock:
                 self.counts["errors"] += 1
 
-    def handle(self, looks: dict[int, _Pending], exits: list[tuple[int, int | None]]) -> None:
-        """One batch: forget exited threads, then tune the PIDs that need a look."""
-        if exits:
-            self._log().forget_tasks(exits)
+    def handle(self, looks: dict[int, _Pending], exits: list[tuple[int, int | None]],
+               forks: dict[int, tuple[int, int, int]] | None = None) -> None:
+        """One batch: forget exited threads that have journal rows, then tune the PIDs that need a look and
+        journal what new tasks inherited. Only a PID that may need an action is read through the host model:
+        one whose comm a workload may select, or (isolating) one with a thread on an agent CPU."""
+        log = self._log()
+        known = self._known_rows(log)
+        gone = [(pid, tid) for pid, tid in exits if pid in known.pids]
+        if gone:
+            log.forget_tasks(gone)
         effective, generation = self._desired()
         if effective is None or effective.mode == "DryRun" or not looks:
             return
-        pids = frozenset(looks)
         template = self._model_template(effective, generation)
         if template is None:
             return
         base_host, cpus = template
-        discovery = workloads.Discovery(ProcFS(self.root, pids), cgroups=self._cgroups)
-        model = host.with_processes(base_host, discovery, selection=self._selection(), wanted=effective.workloads,
-                                    threads=pids if effective.isolation.move_threads else False)
-        actions = list(_actions(effective, model, cpus, pids))
+        fs = ProcFS(self.root, frozenset())
+        fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
+        actions: list[plan.Action] = []
+        if fs.pids:
+            discovery = workloads.Discovery(fs, cgroups=self._cgroups)
+            model = host.with_processes(base_host, discovery, selection=self._selection(),
+                                        wanted=effective.workloads,
+                                        threads=fs.pids if effective.isolation.move_threads else False)
+            actions = list(_actions(effective, model, cpus, fs.pids))
         with self._lock:
             self.counts["batches"] += 1
-            self.counts["looks"] += len(pids)
+            self.counts["looks"] += len(looks)
+            self.counts["planned"] += len(fs.pids)
+        self._inherit(log, known, forks or {}, actions, effective.name, generation or 0)
         if not actions:
             return
-        self._inherit(actions, effective.name, generation or 0)
-        report = engine.apply_new(actions, context.Context("procevents"), self._log(), self.root,
+        report = engine.apply_new(actions, context.Context("procevents"), log, self.root,
                                   policy=effective.name, generation=generation or 0)
         tuned_ns = time.monotonic_ns()
         applied = {workloads.parse_key(r.target)[0] for r in report.results
@@ -297,24 +367,57 @@ class Listener:
             for result in report.results:
                 self._metrics.actions.labels(result.outcome, result.tuner).inc()
 
-    def _inherit(self, actions: list[plan.Action], name: str, generation: int) -> None:
-        """A child inherits the affinity isolation gave its parent: its original is the parent's original
-        (journaled first, so the child's own apply keeps it), or revert would leave it off the agent CPUs."""
-        with self._cv:
-            parents = {a.target: self._parents.get(workloads.parse_key(a.target)[0], 0) for a in actions
-                       if a.target.endswith("/affinity")}
-        wanted = [a for a in actions if parents.get(a.target)]
-        if not wanted:
-            return
-        log = self._log()
-        originals = {workloads.parse_key(e.target)[1]: e.original for e in log.entries()
-                     if e.tuner == isolation.NAME and e.target.endswith("/affinity")}
-        rows = []
-        for action in wanted:
-            parent = parents[action.target]
-            if originals.get(parent) is not None:
-                rows.append((action.tuner, action.target, originals[parent], action.desired, name, generation))
+    def _known_rows(self, log: journal.Journal) -> _Journaled:
+        version = log.version()
+        if self._journaled is None or self._journaled.version != version:
+            self._journaled = _Journaled.read(log, version)
+        return self._journaled
+
+    def _inherit(self, log: journal.Journal, known: _Journaled, forks: dict[int, tuple[int, int, int]],
+                 actions: list[plan.Action], name: str, generation: int) -> None:
+        """A new task starts with its parent's affinity, so the original of a child forked from a parent that
+        isolation (or pinning) moved is the parent's original: journaled (with no outcome, so drift leaves
+        it alone), or revert would leave the child where the parent was put. An action on a task's affinity
+        in this batch takes that original, and a row an earlier batch recorded under another tuner moves
+        into it: one row per target, so a full reconcile has nothing to release."""
+        wanted = {a.target: a for a in actions if a.target.endswith("/affinity")}
+        rows: list[tuple[str, str, str | None, str, str, int]] = []
+        moved: list[tuple[str, str]] = []
+        for tid, (pid, parent_pid, parent_tid) in forks.items():
+            parent = known.threads.get((parent_pid, parent_tid))
+            row = self._inherited(pid, tid, parent, wanted) if parent is not None else None
+            if row is not None:
+                rows.append((*row, name, generation))
+        for target, action in wanted.items():
+            others = [t for t in known.tuners.get(target, ()) if t != action.tuner]
+            if others:
+                pid, tid, _start, _attr = workloads.parse_key(target)
+                rows.append((action.tuner, target, known.threads[pid, tid].original, action.desired, name,
+                             generation))
+                moved += [(tuner, target) for tuner in others]
         log.record_originals(rows)
+        for tuner, target in moved:
+            log.forget(tuner, target)
+
+    def _inherited(self, pid: int, tid: int, parent: _Affinity,
+                   wanted: dict[str, plan.Action]) -> tuple[str, str, str | None, str] | None:
+        """(tuner, target, original, desired) for a child of ``parent`` that still holds what it inherited."""
+        text = ProcFS(self.root, frozenset()).read(f"proc/{pid}/task/{tid}/stat")
+        try:
+            start = workloads.parse_stat(text).start if text else None
+        except (ValueError, IndexError):
+            start = None
+        if start is None:
+            return None  # gone already: nothing to revert
+        target = workloads.task_key(pid, tid, start, "affinity")
+        if target in wanted:
+            return wanted[target].tuner, target, parent.original, wanted[target].desired
+        try:
+            current = sched.TUNER.read(self.root, target)
+            inherited = cpulist.parse(current) == cpulist.parse(parent.desired)
+        except (OSError, base.Unsupported, cpulist.CpuListError):
+            return None
+        return (parent.tuner, target, parent.original, current) if inherited else None
 
     def _model_template(self, effective: policy.Policy, generation: int | None) -> tuple[host.Host, plan.Cpus] | None:
         """The device-less host model and CPU split for this policy, read once per generation."""
@@ -383,6 +486,24 @@ def _prioritize() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITY_NICE)
     except OSError as exc:
         logger.info("process events: cannot raise this thread's priority: %s", exc)
+
+
+def _worth_planning(effective: policy.Policy, cpus: plan.Cpus, fs: ProcFS, pid: int) -> bool:
+    """Whether planning ``pid`` may give an action, from its stat (and its affinity, when isolating): a
+    process no workload can select by its comm and with no thread on an agent CPU is not read further."""
+    stat = fs.stat(pid)
+    if stat is None or stat.state in "ZX":
+        return False
+    if not stat.flags & workloads.PF_KTHREAD and any(workloads.may_select(w, stat.comm) for w in effective.workloads):
+        return True
+    if not effective.isolation.move_threads or not cpus.agent:
+        return False
+    if stat.threads != 1:
+        return True  # its other threads may be anywhere: the model reads them all
+    try:
+        return bool(taskattrs.backend(fs.root).affinity(pid, pid) & cpus.agent)
+    except (OSError, taskattrs.Unsupported):
+        return False
 
 
 def _actions(effective: policy.Policy, model: host.Host, cpus: plan.Cpus,

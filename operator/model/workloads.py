@@ -213,13 +213,22 @@ class Stat:
     state: str
     flags: int
     start: int
+    threads: int
 
 
 def parse_stat(text: str) -> Stat:
     """/proc/PID/stat: comm is between the first '(' and the last ')' (it may hold spaces and parens)."""
     left, right = text.index("("), text.rindex(")")
     rest = text[right + 2:].split()
-    return Stat(comm=text[left + 1:right], state=rest[0], flags=int(rest[6]), start=int(rest[19]))
+    return Stat(comm=text[left + 1:right], state=rest[0], flags=int(rest[6]), start=int(rest[19]),
+                threads=int(rest[17]))
+
+
+def may_select(workload: policy.Workload, comm: str) -> bool:
+    """Whether a process named ``comm`` may be one of ``workload``'s, by its comm alone: a caller can skip
+    reading the rest of a process that cannot be."""
+    selector = workload.process_selector
+    return selector is None or selector.comm is None or re.search(selector.comm, comm) is not None
 
 
 # --- discovery -----------------------------------------------------------------------------------------
@@ -288,16 +297,11 @@ class Discovery:
                 key = task_key(pid, tid, stat.start, "affinity")
                 original = self.fs.overrides.get(key)
                 try:
-                    affinity = cpulist.parse(original) if original is not None else self._affinity(pid, tid)
+                    affinity = cpulist.parse(original) if original is not None else self.backend.affinity(pid, tid)
                 except (OSError, ValueError, taskattrs.Unsupported, cpulist.CpuListError):
                     continue  # exited meanwhile
                 yield Thread(pid, tid, stat.start, stat.comm, bool(stat.flags & PF_KTHREAD),
                              bool(stat.flags & PF_NO_SETAFFINITY), affinity, group)
-
-    def _affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
-        if self.live:
-            return frozenset(os.sched_getaffinity(tid))
-        return self.backend.attrs(pid, tid).affinity
 
     def selects_self(self, workload: policy.Workload) -> bool:
         """Whether the workload's processSelector matches this very process (the agentlat daemon or CLI):
@@ -307,13 +311,11 @@ class Discovery:
                                                  and selector.cgroup is None):
             return False
         pid = os.getpid()
-        stat = self._stat(f"proc/{pid}/stat")
+        comm = self.fs.read(f"proc/{pid}/comm")  # not stat: a busy daemon's stat sums the times of every thread
+        if comm is None or (selector.comm is not None and not re.search(selector.comm, comm)):
+            return False
         args = self._cmdline(pid)
-        if stat is None or args is None:
-            return False
-        if selector.comm is not None and not re.search(selector.comm, stat.comm):
-            return False
-        if selector.cmdline is not None and not re.search(selector.cmdline, args):
+        if args is None or (selector.cmdline is not None and not re.search(selector.cmdline, args)):
             return False
         return selector.cgroup is None or any(fnmatch.fnmatchcase(p, selector.cgroup)
                                               for _, p in self._cgroup_paths(pid))
