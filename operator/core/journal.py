@@ -218,12 +218,11 @@ class Journal:
             finally:
                 self._conn.execute("PRAGMA synchronous=FULL")
 
-    def version(self) -> tuple[int, int]:
-        """Changes when any connection commits a change to the journal: a cache of what it holds (see
-        :meth:`task_entries`) is still good while this is the same."""
+    def data_version(self) -> int:
+        """Changes whenever another connection commits, never with this one's own commits: a connection
+        that keeps a cache of what it wrote itself re-reads only when this moved."""
         with self._lock:
-            other = self._conn.execute("PRAGMA data_version").fetchone()[0]  # commits by other connections
-            return int(other), self._conn.total_changes  # rows this connection changed
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
     def task_entries(self) -> list[Entry]:
         """This boot's entries for tasks (``task/PID/TID@START/ATTR``), in the order of :meth:`entries`."""

@@ -54,6 +54,7 @@ class Options:
     stray_interval: float = 10.0  # isolation check over every thread
     full_wait: float = 0.02  # how often to look whether the daemon's full reconcile is done
     coalesce: float = 0.002  # a batch waits this long after its first event: what exits meanwhile costs nothing
+    read_delay: float = 0.001  # the reader lets events gather this long once the socket is readable
     latency_samples: int = 4096
     buffer_bytes: int = kernel.DEFAULT_BUFFER
 
@@ -65,36 +66,65 @@ class _Pending:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Affinity:
+class _Row:
     tuner: str
-    original: str | None  # the first one recorded: what the task held before any tuner moved it
-    desired: str  # the last one: what it holds now
+    target: str
+    original: str | None
+    desired: str
+
+
+class _TaskRows:
+    """What the journal holds for tasks: which exits need forgetting, and the affinity originals new tasks
+    inherit. Read once, then kept up to date by the listener's own writes; read again when another
+    connection (a full reconcile, a drift repair) committed something."""
+
+    def __init__(self, log: journal.Journal) -> None:
+        self.version = log.data_version()
+        self.pids: set[int] = set()
+        self.affinity: dict[int, dict[int, list[_Row]]] = {}  # pid -> tid -> rows, oldest first
+        for entry in log.task_entries():
+            self.add(entry.tuner, entry.target, entry.original, entry.desired)
+
+    def add(self, tuner: str, target: str, original: str | None, desired: str) -> None:
+        pid, tid, _start, attr = workloads.parse_key(target)
+        self.pids.add(pid)
+        if attr != "affinity":
+            return
+        rows = self.affinity.setdefault(pid, {}).setdefault(tid, [])
+        for index, row in enumerate(rows):
+            if (row.tuner, row.target) == (tuner, target):  # the journal keeps the first original
+                rows[index] = dataclasses.replace(row, desired=desired)
+                return
+        rows.append(_Row(tuner, target, original, desired))
+
+    def remove(self, tuner: str, target: str) -> None:
+        pid, tid, _start, _attr = workloads.parse_key(target)
+        rows = self.affinity.get(pid, {}).get(tid, [])
+        rows[:] = [row for row in rows if (row.tuner, row.target) != (tuner, target)]
+
+    def forget(self, pid: int, tid: int | None) -> None:
+        if tid is None:
+            self.pids.discard(pid)
+            self.affinity.pop(pid, None)
+        else:
+            self.affinity.get(pid, {}).pop(tid, None)
+
+    def inherited(self, pid: int, tid: int) -> tuple[str, str | None, str] | None:
+        """(tuner, original, current) of a task's affinity: what a child it forks starts from."""
+        rows = self.affinity.get(pid, {}).get(tid)
+        return (rows[0].tuner, rows[0].original, rows[-1].desired) if rows else None
+
+    def others(self, tuner: str, target: str) -> list[_Row]:
+        pid, tid, _start, _attr = workloads.parse_key(target)
+        return [row for row in self.affinity.get(pid, {}).get(tid, []) if row.target == target and row.tuner != tuner]
 
 
 @dataclasses.dataclass(frozen=True)
-class _Journaled:
-    """What the journal holds for tasks, as of ``version``: which exits need forgetting, and the affinity
-    originals new tasks inherit."""
-
-    version: tuple[int, int]
-    pids: frozenset[int]
-    threads: dict[tuple[int, int], _Affinity]  # (pid, tid) -> its affinity rows
-    tuners: dict[str, tuple[str, ...]]  # affinity target -> the tuners holding a row for it, oldest first
-
-    @classmethod
-    def read(cls, log: journal.Journal, version: tuple[int, int]) -> _Journaled:
-        pids: set[int] = set()
-        threads: dict[tuple[int, int], _Affinity] = {}
-        tuners: dict[str, tuple[str, ...]] = {}
-        for entry in log.task_entries():
-            pid, tid, _start, attr = workloads.parse_key(entry.target)
-            pids.add(pid)
-            if attr != "affinity":
-                continue
-            first = threads.get((pid, tid))
-            threads[pid, tid] = _Affinity(entry.tuner, first.original if first else entry.original, entry.desired)
-            tuners[entry.target] = (*tuners.get(entry.target, ()), entry.tuner)
-        return cls(version, frozenset(pids), threads, tuners)
+class _Template:
+    key: tuple[policy.Policy, int | None]
+    host: host.Host
+    cpus: plan.Cpus
+    hierarchies: tuple[workloads.Hierarchy, ...]
 
 
 class ProcFS(hostfs.HostFS):
@@ -162,12 +192,13 @@ class Listener:
         self._exits: list[tuple[int, int | None]] = []
         self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
         self._since = 0.0  # when the first of the pending events arrived
-        self._journaled: _Journaled | None = None
+        self._own: journal.Journal | None = None
+        self._rows: _TaskRows | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
         self._source: kernel.ProcEventSocket | None = None
-        self._template: tuple[tuple[policy.Policy, int | None], host.Host, plan.Cpus] | None = None
+        self._template: _Template | None = None
         self._known: dict[int, str] = {}  # fallback scan: pid -> comm at the last look
         self._cgroups: dict[str, workloads.Cgroup | None] = {}  # re-read every stray_interval
         # reported
@@ -211,6 +242,9 @@ class Listener:
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
+        if self._own is not None:
+            self._own.close()
+            self._own, self._rows = None, None
         self._wake_r, self._wake_w = -1, -1
 
     # -- what the daemon reports -----------------------------------------------------------------------
@@ -238,9 +272,10 @@ class Listener:
     def feed(self, events: Iterable[kernel.Event]) -> None:
         """Record what each event asks for; never blocks on anything but this short lock."""
         with self._cv:
-            if not self._looks and not self._exits:
-                self._since = time.monotonic()
+            fresh = not self._looks and not self._exits
             for event in events:
+                if fresh:  # the window counts from the kernel's stamp, whenever the reader got to it
+                    self._since, fresh = min(event.stamp_ns / 1e9, time.monotonic()), False
                 self.counts[event.kind] += 1
                 if event.kind == "exit":
                     whole = event.tid == event.pid
@@ -266,7 +301,7 @@ class Listener:
         _prioritize()
         while not self._stop.is_set():
             ready, _, _ = select.select([self._source.fileno(), self._wake_r], [], [], 1.0)
-            if self._source.fileno() not in ready:
+            if self._source.fileno() not in ready or self._stop.wait(self.options.read_delay):
                 continue
             try:
                 self.feed(self._source.read())
@@ -324,23 +359,25 @@ class Listener:
         """One batch: forget exited threads that have journal rows, then tune the PIDs that need a look and
         journal what new tasks inherited. Only a PID that may need an action is read through the host model:
         one whose comm a workload may select, or (isolating) one with a thread on an agent CPU."""
-        log = self._log()
+        log = self._journal()
         known = self._known_rows(log)
         gone = [(pid, tid) for pid, tid in exits if pid in known.pids]
         if gone:
             log.forget_tasks(gone)
+            for pid, tid in gone:
+                known.forget(pid, tid)
         effective, generation = self._desired()
         if effective is None or effective.mode == "DryRun" or not looks:
             return
         template = self._model_template(effective, generation)
         if template is None:
             return
-        base_host, cpus = template
+        base_host, cpus, hierarchies = template.host, template.cpus, template.hierarchies
         fs = ProcFS(self.root, frozenset())
         fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
         actions: list[plan.Action] = []
         if fs.pids:
-            discovery = workloads.Discovery(fs, cgroups=self._cgroups)
+            discovery = workloads.Discovery(fs, cgroups=self._cgroups, hierarchies=hierarchies)
             model = host.with_processes(base_host, discovery, selection=self._selection(),
                                         wanted=effective.workloads,
                                         threads=fs.pids if effective.isolation.move_threads else False)
@@ -355,8 +392,12 @@ class Listener:
         report = engine.apply_new(actions, context.Context("procevents"), log, self.root,
                                   policy=effective.name, generation=generation or 0)
         tuned_ns = time.monotonic_ns()
+        desired = {(a.tuner, a.target): a.desired for a in actions}
+        for result in report.results:
+            if result.before is not None and result.target.startswith(journal.TASK_PREFIX):
+                known.add(result.tuner, result.target, result.before, desired[result.tuner, result.target])
         applied = {workloads.parse_key(r.target)[0] for r in report.results
-                   if r.outcome == "Applied" and r.target.startswith("task/")}
+                   if r.outcome == "Applied" and r.target.startswith(journal.TASK_PREFIX)}
         with self._lock:
             for result in report.results:
                 self.counts[f"actions{result.outcome}"] += 1
@@ -367,13 +408,20 @@ class Listener:
             for result in report.results:
                 self._metrics.actions.labels(result.outcome, result.tuner).inc()
 
-    def _known_rows(self, log: journal.Journal) -> _Journaled:
-        version = log.version()
-        if self._journaled is None or self._journaled.version != version:
-            self._journaled = _Journaled.read(log, version)
-        return self._journaled
+    def _journal(self) -> journal.Journal:
+        """The listener's own connection to the daemon's journal: its data_version moves only with what the
+        rest of the daemon commits, so the task rows it knows stay good across its own writes."""
+        if self._own is None:
+            shared = self._log()
+            self._own = journal.Journal.open(shared.state_dir, shared.boot_id)
+        return self._own
 
-    def _inherit(self, log: journal.Journal, known: _Journaled, forks: dict[int, tuple[int, int, int]],
+    def _known_rows(self, log: journal.Journal) -> _TaskRows:
+        if self._rows is None or self._rows.version != log.data_version():
+            self._rows = _TaskRows(log)
+        return self._rows
+
+    def _inherit(self, log: journal.Journal, known: _TaskRows, forks: dict[int, tuple[int, int, int]],
                  actions: list[plan.Action], name: str, generation: int) -> None:
         """A new task starts with its parent's affinity, so the original of a child forked from a parent that
         isolation (or pinning) moved is the parent's original: journaled (with no outcome, so drift leaves
@@ -381,27 +429,30 @@ class Listener:
         in this batch takes that original, and a row an earlier batch recorded under another tuner moves
         into it: one row per target, so a full reconcile has nothing to release."""
         wanted = {a.target: a for a in actions if a.target.endswith("/affinity")}
-        rows: list[tuple[str, str, str | None, str, str, int]] = []
-        moved: list[tuple[str, str]] = []
+        rows: list[tuple[str, str, str | None, str]] = []
+        moved: list[_Row] = []
         for tid, (pid, parent_pid, parent_tid) in forks.items():
-            parent = known.threads.get((parent_pid, parent_tid))
-            row = self._inherited(pid, tid, parent, wanted) if parent is not None else None
-            if row is not None:
-                rows.append((*row, name, generation))
+            parent = known.inherited(parent_pid, parent_tid)
+            child = self._inherited(pid, tid, parent, wanted) if parent is not None else None
+            if child is not None:
+                rows.append(child)
         for target, action in wanted.items():
-            others = [t for t in known.tuners.get(target, ()) if t != action.tuner]
+            others = known.others(action.tuner, target)
             if others:
-                pid, tid, _start, _attr = workloads.parse_key(target)
-                rows.append((action.tuner, target, known.threads[pid, tid].original, action.desired, name,
-                             generation))
-                moved += [(tuner, target) for tuner in others]
-        log.record_originals(rows)
-        for tuner, target in moved:
-            log.forget(tuner, target)
+                rows.append((action.tuner, target, others[0].original, action.desired))
+                moved += others
+        log.record_originals([(*row, name, generation) for row in rows])
+        for tuner, target, original, desired in rows:
+            known.add(tuner, target, original, desired)
+        for other in moved:
+            log.forget(other.tuner, other.target)
+            known.remove(other.tuner, other.target)
 
-    def _inherited(self, pid: int, tid: int, parent: _Affinity,
+    def _inherited(self, pid: int, tid: int, parent: tuple[str, str | None, str],
                    wanted: dict[str, plan.Action]) -> tuple[str, str, str | None, str] | None:
-        """(tuner, target, original, desired) for a child of ``parent`` that still holds what it inherited."""
+        """(tuner, target, original, desired) for a child of a parent whose affinity rows say ``parent``
+        (tuner, original, current), while the child still holds what it inherited."""
+        tuner, original, parent_now = parent
         text = ProcFS(self.root, frozenset()).read(f"proc/{pid}/task/{tid}/stat")
         try:
             start = workloads.parse_stat(text).start if text else None
@@ -411,27 +462,29 @@ class Listener:
             return None  # gone already: nothing to revert
         target = workloads.task_key(pid, tid, start, "affinity")
         if target in wanted:
-            return wanted[target].tuner, target, parent.original, wanted[target].desired
+            return wanted[target].tuner, target, original, wanted[target].desired
         try:
             current = sched.TUNER.read(self.root, target)
-            inherited = cpulist.parse(current) == cpulist.parse(parent.desired)
+            inherited = cpulist.parse(current) == cpulist.parse(parent_now)
         except (OSError, base.Unsupported, cpulist.CpuListError):
             return None
-        return (parent.tuner, target, parent.original, current) if inherited else None
+        return (tuner, target, original, current) if inherited else None
 
-    def _model_template(self, effective: policy.Policy, generation: int | None) -> tuple[host.Host, plan.Cpus] | None:
-        """The device-less host model and CPU split for this policy, read once per generation."""
+    def _model_template(self, effective: policy.Policy, generation: int | None) -> _Template | None:
+        """The device-less host model, CPU split and cgroup hierarchies for this policy, read once per
+        generation."""
         key = (effective, generation)
-        if self._template is not None and self._template[0] == key:
-            return self._template[1], self._template[2]
+        if self._template is not None and self._template.key == key:
+            return self._template
         try:
-            base_host = host.read(self.root, ProcFS(self.root, frozenset()))
+            fs = ProcFS(self.root, frozenset())
+            base_host = host.read(self.root, fs)
             cpus, _ = planner.resolve_cpus(effective, base_host, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("process events: cannot plan: %s", exc)
             return None
-        self._template = (key, base_host, cpus)
-        return base_host, cpus
+        self._template = _Template(key, base_host, cpus, tuple(workloads.Discovery(fs).hierarchies()))
+        return self._template
 
     def _scan(self) -> None:
         """No process events: new PIDs and changed comms since the last scan need a look."""
@@ -467,16 +520,17 @@ class Listener:
         template = self._model_template(effective, generation)
         if template is None:
             return
-        model = host.with_processes(template[0], workloads.Discovery(hostfs.HostFS(self.root)),
+        model = host.with_processes(template.host, workloads.Discovery(hostfs.HostFS(self.root)),
                                     selection=self._selection(), wanted=effective.workloads, threads=True)
-        found = isolation.strays(effective, model, template[1])
+        found = isolation.strays(effective, model, template.cpus)
         with self._lock:
             self.strays = tuple(action.reason.removeprefix("isolation: ").split(" affinity")[0] for action in found)
             self.counts["strays"] += len(found)
         if found:
             logger.warning("isolation: %d threads on agent CPUs: moving them off", len(found))
-            engine.apply_new(found, context.Context("strays"), self._log(), self.root, policy=effective.name,
+            engine.apply_new(found, context.Context("strays"), self._journal(), self.root, policy=effective.name,
                              generation=generation or 0)
+            self._rows = None
 
 
 def _prioritize() -> None:

@@ -237,16 +237,17 @@ class Discovery:
     """Memoized reads of processes, threads and cgroups for the workloads ``host.read`` is asked about."""
 
     def __init__(self, fs: hostfs.HostFS, backend: taskattrs.Backend | None = None,
-                 cgroups: dict[str, Cgroup | None] | None = None) -> None:
-        """``cgroups``: a cache to share across reads (the daemon's per-process reactions: new processes
-        mostly join cgroups already read)."""
+                 cgroups: dict[str, Cgroup | None] | None = None,
+                 hierarchies: tuple[Hierarchy, ...] | None = None) -> None:
+        """``cgroups`` and ``hierarchies``: what to share across reads (the daemon's per-process reactions:
+        new processes mostly join cgroups already read, in hierarchies that do not change)."""
         self.fs = fs
         self.live = taskattrs.is_live(fs.root)
         self.backend = backend or taskattrs.backend_for(fs.root)
         self._lock = threading.RLock()
         self._found: dict[tuple[str, tuple[str, ...] | None], Found] = {}
         self._cgroups: dict[str, Cgroup | None] = cgroups if cgroups is not None else {}
-        self._hierarchies: list[Hierarchy] | None = None
+        self._hierarchies: list[Hierarchy] | None = list(hierarchies) if hierarchies is not None else None
         self._processes: dict[tuple[int, str | None], Process | None] = {}
 
     def hierarchies(self) -> list[Hierarchy]:
