@@ -91,7 +91,7 @@ class SchedTuner:
         if value.strip() == KEEP:
             return
         pid, tid, start, attr = workloads.parse_key(target)
-        _check_start(root, pid, tid, start)
+        _check_start(root, pid, tid, start)  # after the write, the engine's read-back (verify) checks it again
         backend = taskattrs.backend(root)
         try:
             if attr == "policy":
@@ -117,7 +117,6 @@ class SchedTuner:
             raise
         except taskattrs.Unsupported as exc:
             raise base.Unsupported(str(exc)) from exc
-        _check_start(root, pid, tid, start)
 
     def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
         if desired.strip() == KEEP:

@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import functools
 import logging
+import math
 import os
 import pathlib
 import select
@@ -53,8 +54,9 @@ class Options:
     scan_interval: float = 3.0  # /proc scan when there are no process events
     stray_interval: float = 10.0  # isolation check over every thread
     full_wait: float = 0.02  # how often to look whether the daemon's full reconcile is done
-    coalesce: float = 0.002  # a batch waits this long after its first event: what exits meanwhile costs nothing
-    read_delay: float = 0.001  # the reader lets events gather this long once the socket is readable
+    coalesce: float = 0.002  # the reader lets events gather this long, and an exec or rename is looked at this
+    # long after it: what exits meanwhile costs nothing
+    settle: float = 0.025  # everything else (forks, exits, what no workload can select) waits at most this long
     latency_samples: int = 4096
     buffer_bytes: int = kernel.DEFAULT_BUFFER
 
@@ -62,6 +64,7 @@ class Options:
 @dataclasses.dataclass
 class _Pending:
     stamp_ns: int  # the kernel's CLOCK_MONOTONIC of the earliest event behind this look
+    urgent: bool  # an exec or rename not yet triaged: the process may have become a workload's
     events: int = 1
 
 
@@ -134,6 +137,11 @@ class ProcFS(hostfs.HostFS):
     def __init__(self, root: pathlib.Path, pids: frozenset[int]) -> None:
         super().__init__(root)
         self.pids = pids
+        self._read_once: dict[str, str | None] = {}  # proc/PID/{stat,cmdline,cgroup}: read once a batch
+
+    def begin(self) -> None:
+        """A new batch: what was read for the last one is stale."""
+        self._read_once.clear()
 
     def listdir(self, rel: str) -> list[str]:
         where = rel.strip("/")
@@ -149,6 +157,14 @@ class ProcFS(hostfs.HostFS):
         return super().listdir(rel)
 
     def read(self, rel: str) -> str | None:
+        if rel in self._read_once:
+            return self._read_once[rel]
+        text = self._read(rel)
+        if rel.startswith("proc/") and rel.count("/") == 2:
+            self._read_once[rel] = text
+        return text
+
+    def _read(self, rel: str) -> str | None:
         text: str | None
         if self._direct(rel):
             try:  # the live root: nothing to resolve against, and this is the hot path of every batch
@@ -191,7 +207,8 @@ class Listener:
         self._looks: dict[int, _Pending] = {}
         self._exits: list[tuple[int, int | None]] = []
         self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
-        self._since = 0.0  # when the first of the pending events arrived
+        self._since = 0.0  # when the first of the pending events happened
+        self._urgent_since: float | None = None  # when the first exec or rename not yet triaged happened
         self._own: journal.Journal | None = None
         self._rows: _TaskRows | None = None
         self._stop = threading.Event()
@@ -199,6 +216,7 @@ class Listener:
         self._wake_r, self._wake_w = -1, -1
         self._source: kernel.ProcEventSocket | None = None
         self._template: _Template | None = None
+        self._fs = ProcFS(root, frozenset())  # the worker's: its pids are the batch's
         self._known: dict[int, str] = {}  # fallback scan: pid -> comm at the last look
         self._cgroups: dict[str, workloads.Cgroup | None] = {}  # re-read every stray_interval
         # reported
@@ -270,12 +288,14 @@ class Listener:
     # -- the reader --------------------------------------------------------------------------------------
 
     def feed(self, events: Iterable[kernel.Event]) -> None:
-        """Record what each event asks for; never blocks on anything but this short lock."""
+        """Record what each event asks for; never blocks on anything but this short lock. The worker is woken
+        only when its next deadline moves closer (the first pending event, the first exec or rename)."""
         with self._cv:
-            fresh = not self._looks and not self._exits
+            wake = fresh = not self._looks and not self._exits
             for event in events:
-                if fresh:  # the window counts from the kernel's stamp, whenever the reader got to it
-                    self._since, fresh = min(event.stamp_ns / 1e9, time.monotonic()), False
+                when = min(event.stamp_ns / 1e9, time.monotonic())  # the kernel's stamp, whenever it was read
+                if fresh:
+                    self._since, fresh = when, False
                 self.counts[event.kind] += 1
                 if event.kind == "exit":
                     whole = event.tid == event.pid
@@ -284,25 +304,30 @@ class Listener:
                     if whole:
                         self._looks.pop(event.pid, None)
                     continue
-                pending = self._looks.get(event.pid)
+                urgent = event.kind != "fork"
+                if urgent and self._urgent_since is None:
+                    self._urgent_since, wake = when, True
                 if event.kind == "fork":
                     self._forks[event.tid] = (event.pid, event.parent_pid, event.parent_tid)
+                pending = self._looks.get(event.pid)
                 if pending is None:
-                    self._looks[event.pid] = _Pending(event.stamp_ns)
+                    self._looks[event.pid] = _Pending(event.stamp_ns, urgent)
                     continue
                 pending.events += 1
                 self.counts["coalesced"] += 1
-                if event.kind != "fork":  # the exec or rename is what the look is for: latency counts from it
-                    pending.stamp_ns = event.stamp_ns
-            self._cv.notify()
+                if urgent:  # the exec or rename is what the look is for: latency counts from it
+                    pending.stamp_ns, pending.urgent = event.stamp_ns, True
+            if wake:
+                self._cv.notify()
 
     def _read(self) -> None:
         assert self._source is not None
         _prioritize()
         while not self._stop.is_set():
             ready, _, _ = select.select([self._source.fileno(), self._wake_r], [], [], 1.0)
-            if self._source.fileno() not in ready or self._stop.wait(self.options.read_delay):
+            if self._source.fileno() not in ready:
                 continue
+            time.sleep(self.options.coalesce)  # by when the first exec read is due: the worker triages at once
             try:
                 self.feed(self._source.read())
             except kernel.Overflow as exc:
@@ -318,16 +343,6 @@ class Listener:
         next_scan = time.monotonic()
         next_strays = time.monotonic() + self.options.stray_interval
         while not self._stop.is_set():
-            with self._cv:
-                if not self._looks and not self._exits:
-                    wake = min(next_strays, next_scan if self._source is None else next_strays)
-                    self._cv.wait(max(0.0, min(1.0, wake - time.monotonic())))
-                waiting = bool(self._looks or self._exits)
-                since = self._since
-            if waiting and self._stop.wait(since + self.options.coalesce - time.monotonic()):
-                return
-            if self._stop.is_set():
-                return
             now = time.monotonic()
             if self._source is None and now >= next_scan:
                 self._scan()
@@ -336,15 +351,52 @@ class Listener:
                 next_strays = now + self.options.stray_interval
                 self._cgroups.clear()
                 self._guard(self._check_strays)
+            with self._cv:
+                settle = self._since + self.options.settle if self._looks or self._exits else math.inf
+                urgent = self._urgent_since + self.options.coalesce if self._urgent_since is not None else math.inf
+                wake = min(settle, urgent, next_strays, next_scan if self._source is None else math.inf)
+                if wake > now:
+                    self._cv.wait(min(1.0, wake - now))
+                    continue
             if self._full_running():
                 time.sleep(self.options.full_wait)
-                continue
-            with self._cv:
-                looks, self._looks = self._looks, {}
-                exits, self._exits = self._exits, []
-                forks, self._forks = self._forks, {}
-            if looks or exits:
+            elif settle <= now:
+                with self._cv:
+                    looks, self._looks = self._looks, {}
+                    exits, self._exits = self._exits, []
+                    forks, self._forks = self._forks, {}
+                    self._urgent_since = None
+                self._fs.begin()
                 self._guard(functools.partial(self.handle, looks, exits, forks))
+            elif urgent <= now:
+                self._guard(self._triage)
+
+    def _triage(self) -> None:
+        """Execs and renames: a process that may need an action (one a workload may select, or one on an
+        agent CPU when isolating) is handled now, with its forks and the exits of an earlier process under
+        its PID; the rest waits for the settle batch, by when most of it has exited and costs nothing."""
+        with self._cv:
+            urgent = [pid for pid, pending in self._looks.items() if pending.urgent]
+            for pid in urgent:
+                self._looks[pid].urgent = False
+            self._urgent_since = None
+        effective, generation = self._desired()
+        template = self._model_template(effective, generation) if effective is not None else None
+        if effective is None or effective.mode == "DryRun" or template is None:
+            return
+        self._fs.begin()
+        ready = {pid for pid in urgent if _worth_planning(effective, template.cpus, self._fs, pid)}
+        if not ready:
+            return
+        with self._cv:
+            looks = {pid: self._looks.pop(pid) for pid in ready if pid in self._looks}
+            forks = {tid: fork for tid, fork in self._forks.items() if fork[0] in looks}
+            for tid in forks:
+                del self._forks[tid]
+            exits = [exit_ for exit_ in self._exits if exit_[0] in looks]
+            self._exits = [exit_ for exit_ in self._exits if exit_[0] not in looks]
+        if looks:
+            self.handle(looks, exits, forks)
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:
@@ -373,7 +425,7 @@ class Listener:
         if template is None:
             return
         base_host, cpus, hierarchies = template.host, template.cpus, template.hierarchies
-        fs = ProcFS(self.root, frozenset())
+        fs = self._fs
         fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
         actions: list[plan.Action] = []
         if fs.pids:
@@ -386,16 +438,17 @@ class Listener:
             self.counts["batches"] += 1
             self.counts["looks"] += len(looks)
             self.counts["planned"] += len(fs.pids)
-        self._inherit(log, known, forks or {}, actions, effective.name, generation or 0)
+        originals = self._inherit(log, known, forks or {}, actions, effective.name, generation or 0)
         if not actions:
             return
         report = engine.apply_new(actions, context.Context("procevents"), log, self.root,
-                                  policy=effective.name, generation=generation or 0)
+                                  policy=effective.name, generation=generation or 0, originals=originals)
         tuned_ns = time.monotonic_ns()
         desired = {(a.tuner, a.target): a.desired for a in actions}
         for result in report.results:
             if result.before is not None and result.target.startswith(journal.TASK_PREFIX):
-                known.add(result.tuner, result.target, result.before, desired[result.tuner, result.target])
+                known.add(result.tuner, result.target, originals.get(result.target, result.before),
+                          desired[result.tuner, result.target])
         applied = {workloads.parse_key(r.target)[0] for r in report.results
                    if r.outcome == "Applied" and r.target.startswith(journal.TASK_PREFIX)}
         with self._lock:
@@ -422,19 +475,23 @@ class Listener:
         return self._rows
 
     def _inherit(self, log: journal.Journal, known: _TaskRows, forks: dict[int, tuple[int, int, int]],
-                 actions: list[plan.Action], name: str, generation: int) -> None:
+                 actions: list[plan.Action], name: str, generation: int) -> dict[str, str | None]:
         """A new task starts with its parent's affinity, so the original of a child forked from a parent that
         isolation (or pinning) moved is the parent's original: journaled (with no outcome, so drift leaves
         it alone), or revert would leave the child where the parent was put. An action on a task's affinity
-        in this batch takes that original, and a row an earlier batch recorded under another tuner moves
-        into it: one row per target, so a full reconcile has nothing to release."""
+        in this batch takes that original (returned, for ``engine.apply_new``), and a row an earlier batch
+        recorded under another tuner moves into it: one row per target, so a full reconcile has nothing to
+        release."""
         wanted = {a.target: a for a in actions if a.target.endswith("/affinity")}
+        originals: dict[str, str | None] = {}
         rows: list[tuple[str, str, str | None, str]] = []
         moved: list[_Row] = []
         for tid, (pid, parent_pid, parent_tid) in forks.items():
             parent = known.inherited(parent_pid, parent_tid)
             child = self._inherited(pid, tid, parent, wanted) if parent is not None else None
-            if child is not None:
+            if child is not None and child[1] in wanted:
+                originals[child[1]] = child[2]
+            elif child is not None:
                 rows.append(child)
         for target, action in wanted.items():
             others = known.others(action.tuner, target)
@@ -447,13 +504,14 @@ class Listener:
         for other in moved:
             log.forget(other.tuner, other.target)
             known.remove(other.tuner, other.target)
+        return originals
 
     def _inherited(self, pid: int, tid: int, parent: tuple[str, str | None, str],
                    wanted: dict[str, plan.Action]) -> tuple[str, str, str | None, str] | None:
         """(tuner, target, original, desired) for a child of a parent whose affinity rows say ``parent``
         (tuner, original, current), while the child still holds what it inherited."""
         tuner, original, parent_now = parent
-        text = ProcFS(self.root, frozenset()).read(f"proc/{pid}/task/{tid}/stat")
+        text = self._fs.read(f"proc/{pid}/task/{tid}/stat")
         try:
             start = workloads.parse_stat(text).start if text else None
         except (ValueError, IndexError):
@@ -505,8 +563,12 @@ class Listener:
         if first:
             return  # the daemon's full reconcile planned what was there
         with self._cv:
+            if changed and self._urgent_since is None:
+                self._urgent_since = time.monotonic()
+            if (changed or gone) and not self._looks and not self._exits:
+                self._since = time.monotonic()
             for pid in changed:
-                self._looks.setdefault(pid, _Pending(now_ns))
+                self._looks.setdefault(pid, _Pending(now_ns, True)).urgent = True
             self._exits += [(pid, tid) for pid, tid in gone]
 
     def _check_strays(self) -> None:

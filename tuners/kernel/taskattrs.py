@@ -264,7 +264,7 @@ class RealBackend:
 
     def _cpuset_cpus(self, pid: int) -> cpulist.CpuSet | None:
         try:
-            path = (self.root / "proc" / str(pid) / "cpuset").read_text().strip()
+            path = _read(f"{self.root}/proc/{pid}/cpuset").strip()
         except OSError:
             return None
         if not path.startswith("/") or ".." in path.split("/"):
@@ -273,21 +273,20 @@ class RealBackend:
         for rel in (f"{CGROUP_ROOT}{inside}/cpuset.cpus.effective",
                     f"{CGROUP_ROOT}/cpuset{inside}/cpuset.effective_cpus"):
             try:
-                return cpulist.parse((self.root / rel).read_text())
+                return cpulist.parse(_read(f"{self.root}/{rel}"))
             except (OSError, cpulist.CpuListError):
                 continue
         return None
 
     def _possible(self) -> cpulist.CpuSet | None:
         try:
-            return cpulist.parse((self.root / "sys/devices/system/cpu/possible").read_text())
+            return cpulist.parse(_read(f"{self.root}/sys/devices/system/cpu/possible"))
         except (OSError, cpulist.CpuListError):
             return None
 
     def _timer_slack(self, tid: int) -> int | None:
         try:
-            with open(f"{self.root}/proc/{tid}/timerslack_ns", "rb") as file:
-                return int(file.read())
+            return int(_read(f"{self.root}/proc/{tid}/timerslack_ns"))
         except FileNotFoundError:
             raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
         except (OSError, ValueError):
@@ -414,6 +413,12 @@ def _cached_backend(root: str) -> Backend:
 
 def backend(root: pathlib.Path) -> Backend:
     return _cached_backend(str(root))
+
+
+def _read(path: str) -> str:
+    """A small kernel file's text: plain open and read, the hot path of every task the daemon tunes."""
+    with open(path, "rb") as file:
+        return file.read().decode(errors="replace")
 
 
 @contextlib.contextmanager
