@@ -513,12 +513,12 @@ class Listener:
         tuner, original, parent_now = parent
         text = self._fs.read(f"proc/{pid}/task/{tid}/stat")
         try:
-            start = workloads.parse_stat(text).start if text else None
+            stat = workloads.parse_stat(text) if text else None
         except (ValueError, IndexError):
-            start = None
-        if start is None:
-            return None  # gone already: nothing to revert
-        target = workloads.task_key(pid, tid, start, "affinity")
+            stat = None
+        if stat is None or stat.flags & (workloads.PF_KTHREAD | workloads.PF_NO_SETAFFINITY):
+            return None  # gone already, or a kernel thread: kthreadd's children are placed by the kernel
+        target = workloads.task_key(pid, tid, stat.start, "affinity")
         if target in wanted:
             return wanted[target].tuner, target, original, wanted[target].desired
         try:
@@ -532,7 +532,8 @@ class Listener:
         """The device-less host model, CPU split and cgroup hierarchies for this policy, read once per
         generation."""
         key = (effective, generation)
-        if self._template is not None and self._template.key == key:
+        if self._template is not None and self._template.key[1] == generation and (
+                self._template.key[0] is effective or self._template.key == key):
             return self._template
         try:
             fs = ProcFS(self.root, frozenset())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import os
 import re
 import threading
@@ -166,6 +167,7 @@ def task_key(pid: int, tid: int, start: int, attr: str) -> str:
 _KEY = re.compile(r"^task/(\d+)/(\d+)@(\d+)/([a-z]+)$")
 
 
+@functools.lru_cache(maxsize=4096)  # the engine and the daemon parse each new task's targets many times over
 def parse_key(target: str) -> tuple[int, int, int, str]:
     match = _KEY.match(target)
     if match is None or match.group(4) not in taskattrs.ATTR_NAMES:
