@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -361,15 +360,20 @@ class Listener:
             if self._full_running():
                 time.sleep(self.options.full_wait)
             elif settle <= now:
-                with self._cv:
-                    looks, self._looks = self._looks, {}
-                    exits, self._exits = self._exits, []
-                    forks, self._forks = self._forks, {}
-                    self._urgent_since = None
-                self._fs.begin()
-                self._guard(functools.partial(self.handle, looks, exits, forks))
+                self._guard(self.settle)
             elif urgent <= now:
                 self._guard(self._triage)
+
+    def settle(self) -> None:
+        """Handle everything pending (what :meth:`feed` recorded) in one batch."""
+        with self._cv:
+            looks, self._looks = self._looks, {}
+            exits, self._exits = self._exits, []
+            forks, self._forks = self._forks, {}
+            self._urgent_since = None
+        self._fs.begin()
+        if looks or exits:
+            self.handle(looks, exits, forks)
 
     def _triage(self) -> None:
         """Execs and renames: a process that may need an action (one a workload may select, or one on an
