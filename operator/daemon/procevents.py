@@ -2,13 +2,24 @@
 off the agent CPUs) the moment it starts, not at the next resync.
 
 Two threads. The *reader* drains the kernel's proc connector (:mod:`agentlat.tuners.kernel.procevents`)
-and only records, under a lock, what each PID needs: a look (exec, comm change, a new process or
-thread) stamped with the earliest event behind it, or forgetting (exit). It never writes, so a burst
-never blocks it; events for one PID that arrive while the worker is busy coalesce into one entry. The
-*worker* takes everything pending at once: forgets the journal rows of exited threads (the journal does
-not grow with churn), plans the sched, cgroup and isolation tuners for the other PIDs alone (a host
-model whose /proc lists only them and which has no devices), and applies the result with
-``engine.apply_new`` (one fsynced journal commit per batch before its writes).
+``coalesce`` after the socket turns readable and only records, under a lock, what each PID needs: a look
+(exec, comm change, a new process or thread) stamped with the earliest event behind it, a fork (who forked
+whom) or forgetting (exit). It never writes, so a burst never blocks it; events for one PID coalesce into
+one entry, and an exit drops the PID's pending look. The *worker* runs two kinds of batch:
+
+- *triage*, ``coalesce`` after an exec or rename: each such PID's /proc/PID/stat is read, and only one a
+  workload may select by its comm (or, isolating, one with a thread on an agent CPU) is handled now, with
+  its forks and the exits of an earlier process under its PID. Most of a fork+exec storm is /bin/true-like
+  processes that no selector names: they cost one read, or nothing when they exited first.
+- *settle*, at most ``settle`` after anything else became pending: everything left, in one batch.
+
+A batch forgets the journal rows of exited threads (the journal does not grow with churn), plans the sched,
+cgroup and isolation tuners for the PIDs worth it alone (a host model whose /proc lists only them and which
+has no devices), and applies the result with ``engine.apply_new`` (one journal commit per batch before its
+writes). A child forked by a parent that isolation (or pinning) moved starts where the parent was put: its
+original is journaled as the parent's, so revert puts it back too. The listener keeps its own journal
+connection and what the journal holds for tasks in memory, read again only when another connection (a full
+reconcile) committed.
 
 It waits while the daemon runs a full reconcile: that one plans every process it sees and releases
 journal rows its plan does not name, which must not include rows written meanwhile.
