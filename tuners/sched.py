@@ -28,7 +28,7 @@ from collections.abc import Iterator
 
 from agentlat.operator.model import host, plan, policy, workloads
 from agentlat.tuners import base
-from agentlat.tuners.kernel import cpulist, taskattrs
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 
 NAME = "sched"
 KEEP = "keep"
@@ -288,8 +288,7 @@ def _micros(ns: int) -> str:
 def _check_start(root: pathlib.Path, pid: int, tid: int, start: int) -> None:
     """Raise ProcessLookupError unless TID is still the thread the target was planned for."""
     try:
-        with open(f"{root}/proc/{pid}/task/{tid}/stat", "rb") as file:
-            text = file.read().decode(errors="replace")
+        text = hostfs.read_text(f"{root}/proc/{pid}/task/{tid}/stat")
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"thread {tid} of pid {pid} is gone") from None
     except ProcessLookupError:

@@ -178,8 +178,7 @@ class ProcFS(hostfs.HostFS):
         text: str | None
         if self._direct(rel):
             try:  # the live root: nothing to resolve against, and this is the hot path of every batch
-                with open(f"/{rel}", "rb") as file:
-                    text = file.read().decode(errors="replace").rstrip("\n")
+                text = hostfs.read_text(f"/{rel}").rstrip("\n")
             except OSError:
                 return None
         else:

@@ -110,6 +110,19 @@ class HostFS:
         return sorted(rel for rel in self.files if not (self.root / rel).stat().st_mode & stat.S_IWUSR)
 
 
+def read_text(path: str) -> str:
+    """A kernel file's text (procfs, sysfs) with plain os.open and os.read, no file object: for the hot
+    paths that read a few per process. Raises OSError as open() does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def _manifest_readonly(root: pathlib.Path) -> frozenset[str] | None:
     try:
         manifest = json.loads((root / MANIFEST).read_text())

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from agentlat.tuners.kernel import cpulist
+from agentlat.tuners.kernel import cpulist, hostfs
 
 CGROUP_ROOT = "sys/fs/cgroup"
 FAKE_FILE = "agentlat-fake-sched.json"
@@ -264,7 +264,7 @@ class RealBackend:
 
     def _cpuset_cpus(self, pid: int) -> cpulist.CpuSet | None:
         try:
-            path = _read(f"{self.root}/proc/{pid}/cpuset").strip()
+            path = hostfs.read_text(f"{self.root}/proc/{pid}/cpuset").strip()
         except OSError:
             return None
         if not path.startswith("/") or ".." in path.split("/"):
@@ -273,20 +273,20 @@ class RealBackend:
         for rel in (f"{CGROUP_ROOT}{inside}/cpuset.cpus.effective",
                     f"{CGROUP_ROOT}/cpuset{inside}/cpuset.effective_cpus"):
             try:
-                return cpulist.parse(_read(f"{self.root}/{rel}"))
+                return cpulist.parse(hostfs.read_text(f"{self.root}/{rel}"))
             except (OSError, cpulist.CpuListError):
                 continue
         return None
 
     def _possible(self) -> cpulist.CpuSet | None:
         try:
-            return cpulist.parse(_read(f"{self.root}/sys/devices/system/cpu/possible"))
+            return cpulist.parse(hostfs.read_text(f"{self.root}/sys/devices/system/cpu/possible"))
         except (OSError, cpulist.CpuListError):
             return None
 
     def _timer_slack(self, tid: int) -> int | None:
         try:
-            return int(_read(f"{self.root}/proc/{tid}/timerslack_ns"))
+            return int(hostfs.read_text(f"{self.root}/proc/{tid}/timerslack_ns"))
         except FileNotFoundError:
             raise ProcessLookupError(errno.ESRCH, f"thread {tid} is gone") from None
         except (OSError, ValueError):
@@ -413,12 +413,6 @@ def _cached_backend(root: str) -> Backend:
 
 def backend(root: pathlib.Path) -> Backend:
     return _cached_backend(str(root))
-
-
-def _read(path: str) -> str:
-    """A small kernel file's text: plain open and read, the hot path of every task the daemon tunes."""
-    with open(path, "rb") as file:
-        return file.read().decode(errors="replace")
 
 
 @contextlib.contextmanager
