@@ -78,9 +78,23 @@ def exec_latencies(agent: str, sock: procevents.ProcEventSocket, count: int) -> 
     return found
 
 
-def cpu_seconds() -> float:
+def cpu_seconds() -> tuple[float, float]:
+    """(user, system) CPU seconds of this process so far."""
     times = os.times()
-    return times.user + times.system
+    return times.user, times.system
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each named thread of this process."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = {}
+    for thread in threading.enumerate():
+        try:
+            fields = pathlib.Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        found[thread.name] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
 
 
 def churn(agent: str, rate: int, seconds: float) -> tuple[int, int]:
@@ -131,18 +145,23 @@ def main() -> None:
               f"p99 {stats.percentile(found, 99):.2f} ms, max {found[-1]:.2f} ms (target p99 < 10 ms)")
         before = dict(node.snapshot().measurements.observed)
         cpu_before = cpu_seconds()
+        threads_before = thread_cpu()
         wall = time.monotonic()
         out = subprocess.run([sys.executable, __file__, "--churn-agent", str(agent), "--rate", str(args.rate),
                               "--seconds", str(args.seconds)], capture_output=True, text=True, check=True)
         started, agents = (int(word) for word in out.stdout.split())
         time.sleep(1.0)
         wall = time.monotonic() - wall
-        cpu = cpu_seconds() - cpu_before
+        user, system = (after - before for after, before in zip(cpu_seconds(), cpu_before, strict=True))
+        cpu = user + system
+        by_thread = {name: spent - threads_before.get(name, 0.0) for name, spent in thread_cpu().items()}
         after = node.snapshot().measurements.observed
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after if k.startswith("procEvents")}
         print(f"churn: {started} processes in {args.seconds:g} s ({started / args.seconds:.0f}/s), {agents} agents")
-        print(f"daemon CPU: {cpu:.2f} s over {wall:.1f} s = {100 * cpu / wall:.1f} % of one CPU "
-              "(target < 10 %)")
+        print(f"daemon CPU: {cpu:.2f} s ({user:.2f} user, {system:.2f} system) over {wall:.1f} s = "
+              f"{100 * cpu / wall:.1f} % of one CPU (target < 10 %)")
+        print("  by thread: " + ", ".join(f"{name} {spent:.2f} s" for name, spent in
+                                          sorted(by_thread.items(), key=lambda item: -item[1]) if spent >= 0.01))
         for key in sorted(delta):
             print(f"  {key}: {delta[key]:.0f}")
         print(f"agents tuned {delta.get('procEventsTuned', 0):.0f} of {agents} started "

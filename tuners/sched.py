@@ -81,10 +81,8 @@ class SchedTuner:
 
     def read(self, root: pathlib.Path, target: str) -> str:
         pid, tid, start, attr = workloads.parse_key(target)
-        _check_start(root, pid, tid, start)
-        attrs = taskattrs.backend(root).attrs(pid, tid)
-        _check_start(root, pid, tid, start)
-        value = taskattrs.attr_value(attrs, attr)
+        value = taskattrs.backend(root).value(pid, tid, attr)
+        _check_start(root, pid, tid, start)  # a thread started at START still holds TID: the value was its own
         if value is None:
             raise base.Unsupported(f"the kernel does not report the {attr} of thread {tid}")
         return value
@@ -93,7 +91,7 @@ class SchedTuner:
         if value.strip() == KEEP:
             return
         pid, tid, start, attr = workloads.parse_key(target)
-        _check_start(root, pid, tid, start)
+        _check_start(root, pid, tid, start)  # after the write, the engine's read-back (verify) checks it again
         backend = taskattrs.backend(root)
         try:
             if attr == "policy":
@@ -119,7 +117,6 @@ class SchedTuner:
             raise
         except taskattrs.Unsupported as exc:
             raise base.Unsupported(str(exc)) from exc
-        _check_start(root, pid, tid, start)
 
     def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
         if desired.strip() == KEEP:

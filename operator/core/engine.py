@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import pathlib
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from agentlat.operator.core import context, journal, owner
 from agentlat.operator.core import journal as journal_module
@@ -175,10 +175,12 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
 
 
 def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
-              *, policy: str, generation: int) -> Report:
+              *, policy: str, generation: int, originals: Mapping[str, str | None] | None = None) -> Report:
     """Apply actions on things that just appeared (processes the daemon saw start), releasing nothing.
-    Every original is read first and journaled in one fsynced commit before the first write (still
-    write-ahead: a crash after it reverts whatever was written); outcomes follow in one commit."""
+    Every original is read first and journaled in one commit before the first write (still write-ahead:
+    a crash after it reverts whatever was written); outcomes follow in one commit. ``originals``, by
+    target, are journaled in place of the value read: what a new task held before it inherited a value
+    an earlier apply gave its parent."""
     results: list[Result] = []
     ready: list[tuple[plan.Action, base.Tuner, str]] = []
     for action in actions:
@@ -187,7 +189,8 @@ def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: jou
             ready.append((action, tuner, tuner.read(root, action.target)))
         except (OSError, base.Unsupported) as exc:
             results.append(_failure(action.tuner, action.target, exc, None))
-    journal.record_originals([(a.tuner, a.target, original, a.desired, policy, generation)
+    known = originals or {}
+    journal.record_originals([(a.tuner, a.target, known.get(a.target, original), a.desired, policy, generation)
                               for a, _, original in ready])
     writes = 0
     journaled: list[Result] = []

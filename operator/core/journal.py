@@ -1,7 +1,8 @@
 """Write-ahead journal of original host values (sqlite in the state dir).
 
 Every method commits (WAL, synchronous=FULL: fsynced) before it returns, so the caller may touch the
-host as soon as `record_original` returns and a SIGKILL or power cut right after loses nothing.
+host as soon as `record_original` returns and a SIGKILL or power cut right after loses nothing. Rows
+that name only tasks, which no power cut outlives, are committed without the fsync (`record_originals`).
 Originals belong to a boot: after a reboot the kernel has reset the values and IRQ numbers may differ,
 so an original recorded under another boot id is never written back (see `drop_stale_boots`).
 
@@ -50,6 +51,12 @@ CREATE TABLE IF NOT EXISTS originals (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+_UPSERT = (
+    "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation, recorded_at, updated_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tuner, target, boot_id) DO UPDATE SET desired = excluded.desired,"
+    " policy = excluded.policy, generation = excluded.generation, updated_at = excluded.updated_at"
+)
+TASK_PREFIX = "task/"
 _COLUMNS = (
     "tuner, target, original, desired, policy, generation, boot_id, outcome, detail, recorded_at, updated_at"
 )
@@ -224,18 +231,21 @@ class Journal:
 
     def record_originals(self, rows: list[tuple[str, str, str | None, str, str, int]]) -> None:
         """Many :meth:`record_original` rows (tuner, target, original, desired, policy, generation) in one
-        fsynced transaction: a process the daemon saw start costs one fsync before its writes, not one per
-        attribute."""
+        transaction: a process the daemon saw start costs one commit before its writes, not one per
+        attribute. Fsynced unless every row names a task (``task/...``): a commit that reached the OS
+        survives a crash of this process, and a crash of the OS ends every task it names (and the boot its
+        rows belong to), so the fsync, milliseconds on a busy disk, would only delay the task's tuning."""
+        if not rows:
+            return
         now = self._clock()
+        values = [(t, target, self.boot_id, o, d, p, g, now, now) for t, target, o, d, p, g in rows]
+        if all(target.startswith(TASK_PREFIX) for _, target, *_ in rows):
+            self._unsynced(_UPSERT, values)
+            return
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                self._conn.executemany(
-                    "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation,"
-                    " recorded_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (tuner, target, boot_id) DO UPDATE SET desired = excluded.desired,"
-                    " policy = excluded.policy, generation = excluded.generation, updated_at = excluded.updated_at",
-                    [(t, target, self.boot_id, o, d, p, g, now, now) for t, target, o, d, p, g in rows])
+                self._conn.executemany(_UPSERT, values)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -269,6 +279,16 @@ class Journal:
                 self._conn.execute("COMMIT")
             finally:
                 self._conn.execute("PRAGMA synchronous=FULL")
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits, never with this one's own commits: a connection
+        that keeps a cache of what it wrote itself re-reads only when this moved."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def task_entries(self) -> list[Entry]:
+        """This boot's entries for tasks (``task/PID/TID@START/ATTR``), in the order of :meth:`entries`."""
+        return self._select("WHERE boot_id = ? AND target LIKE ?", (self.boot_id, TASK_PREFIX + "%"))
 
     def entries(self, current_boot_only: bool = True) -> list[Entry]:
         """Entries in the order their originals were first recorded (revert walks them backwards)."""

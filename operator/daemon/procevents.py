@@ -2,13 +2,24 @@
 off the agent CPUs) the moment it starts, not at the next resync.
 
 Two threads. The *reader* drains the kernel's proc connector (:mod:`agentlat.tuners.kernel.procevents`)
-and only records, under a lock, what each PID needs: a look (exec, comm change, a new process or
-thread) stamped with the earliest event behind it, or forgetting (exit). It never writes, so a burst
-never blocks it; events for one PID that arrive while the worker is busy coalesce into one entry. The
-*worker* takes everything pending at once: forgets the journal rows of exited threads (the journal does
-not grow with churn), plans the sched, cgroup and isolation tuners for the other PIDs alone (a host
-model whose /proc lists only them and which has no devices), and applies the result with
-``engine.apply_new`` (one fsynced journal commit per batch before its writes).
+``coalesce`` after the socket turns readable and only records, under a lock, what each PID needs: a look
+(exec, comm change, a new process or thread) stamped with the earliest event behind it, a fork (who forked
+whom) or forgetting (exit). It never writes, so a burst never blocks it; events for one PID coalesce into
+one entry, and an exit drops the PID's pending look. The *worker* runs two kinds of batch:
+
+- *triage*, ``coalesce`` after an exec or rename: each such PID's /proc/PID/stat is read, and only one a
+  workload may select by its comm (or, isolating, one with a thread on an agent CPU) is handled now, with
+  its forks and the exits of an earlier process under its PID. Most of a fork+exec storm is /bin/true-like
+  processes that no selector names: they cost one read, or nothing when they exited first.
+- *settle*, at most ``settle`` after anything else became pending: everything left, in one batch.
+
+A batch forgets the journal rows of exited threads (the journal does not grow with churn), plans the sched,
+cgroup and isolation tuners for the PIDs worth it alone (a host model whose /proc lists only them and which
+has no devices), and applies the result with ``engine.apply_new`` (one journal commit per batch before its
+writes). A child forked by a parent that isolation (or pinning) moved starts where the parent was put: its
+original is journaled as the parent's, so revert puts it back too. The listener keeps its own journal
+connection and what the journal holds for tasks in memory, read again only when another connection (a full
+reconcile) committed.
 
 It waits while the daemon runs a full reconcile: that one plans every process it sees and releases
 journal rows its plan does not name, which must not include rows written meanwhile.
@@ -25,8 +36,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import logging
+import math
 import os
 import pathlib
 import select
@@ -38,8 +49,8 @@ from agentlat.operator.core import context, engine, journal, planner
 from agentlat.operator.daemon import metrics
 from agentlat.operator.model import errors, host, plan, policy, workloads
 from agentlat.operator.observe import stats
-from agentlat.tuners import cgroup, isolation, sched
-from agentlat.tuners.kernel import hostfs
+from agentlat.tuners import base, cgroup, isolation, sched
+from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
 from agentlat.tuners.kernel import procevents as kernel
 
 logger = logging.getLogger(__name__)
@@ -55,6 +66,9 @@ class Options:
     scan_interval: float = 3.0  # /proc scan when there are no process events
     stray_interval: float = 10.0  # isolation check over every thread
     full_wait: float = 0.02  # how often to look whether the daemon's full reconcile is done
+    coalesce: float = 0.002  # the reader lets events gather this long, and an exec or rename is looked at this
+    # long after it: what exits meanwhile costs nothing
+    settle: float = 0.025  # everything else (forks, exits, what no workload can select) waits at most this long
     latency_samples: int = 4096
     buffer_bytes: int = kernel.DEFAULT_BUFFER
 
@@ -62,7 +76,70 @@ class Options:
 @dataclasses.dataclass
 class _Pending:
     stamp_ns: int  # the kernel's CLOCK_MONOTONIC of the earliest event behind this look
+    urgent: bool  # an exec or rename not yet triaged: the process may have become a workload's
     events: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    tuner: str
+    target: str
+    original: str | None
+    desired: str
+
+
+class _TaskRows:
+    """What the journal holds for tasks: which exits need forgetting, and the affinity originals new tasks
+    inherit. Read once, then kept up to date by the listener's own writes; read again when another
+    connection (a full reconcile, a drift repair) committed something."""
+
+    def __init__(self, log: journal.Journal) -> None:
+        self.version = log.data_version()
+        self.pids: set[int] = set()
+        self.affinity: dict[int, dict[int, list[_Row]]] = {}  # pid -> tid -> rows, oldest first
+        for entry in log.task_entries():
+            self.add(entry.tuner, entry.target, entry.original, entry.desired)
+
+    def add(self, tuner: str, target: str, original: str | None, desired: str) -> None:
+        pid, tid, _start, attr = workloads.parse_key(target)
+        self.pids.add(pid)
+        if attr != "affinity":
+            return
+        rows = self.affinity.setdefault(pid, {}).setdefault(tid, [])
+        for index, row in enumerate(rows):
+            if (row.tuner, row.target) == (tuner, target):  # the journal keeps the first original
+                rows[index] = dataclasses.replace(row, desired=desired)
+                return
+        rows.append(_Row(tuner, target, original, desired))
+
+    def remove(self, tuner: str, target: str) -> None:
+        pid, tid, _start, _attr = workloads.parse_key(target)
+        rows = self.affinity.get(pid, {}).get(tid, [])
+        rows[:] = [row for row in rows if (row.tuner, row.target) != (tuner, target)]
+
+    def forget(self, pid: int, tid: int | None) -> None:
+        if tid is None:
+            self.pids.discard(pid)
+            self.affinity.pop(pid, None)
+        else:
+            self.affinity.get(pid, {}).pop(tid, None)
+
+    def inherited(self, pid: int, tid: int) -> tuple[str, str | None, str] | None:
+        """(tuner, original, current) of a task's affinity: what a child it forks starts from."""
+        rows = self.affinity.get(pid, {}).get(tid)
+        return (rows[0].tuner, rows[0].original, rows[-1].desired) if rows else None
+
+    def others(self, tuner: str, target: str) -> list[_Row]:
+        pid, tid, _start, _attr = workloads.parse_key(target)
+        return [row for row in self.affinity.get(pid, {}).get(tid, []) if row.target == target and row.tuner != tuner]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Template:
+    key: tuple[policy.Policy, int | None]
+    host: host.Host
+    cpus: plan.Cpus
+    hierarchies: tuple[workloads.Hierarchy, ...]
 
 
 class ProcFS(hostfs.HostFS):
@@ -72,6 +149,11 @@ class ProcFS(hostfs.HostFS):
     def __init__(self, root: pathlib.Path, pids: frozenset[int]) -> None:
         super().__init__(root)
         self.pids = pids
+        self._read_once: dict[str, str | None] = {}  # proc/PID/{stat,cmdline,cgroup}: read once a batch
+
+    def begin(self) -> None:
+        """A new batch: what was read for the last one is stale."""
+        self._read_once.clear()
 
     def listdir(self, rel: str) -> list[str]:
         where = rel.strip("/")
@@ -79,19 +161,42 @@ class ProcFS(hostfs.HostFS):
             return [str(pid) for pid in sorted(self.pids)]
         if where in ("sys/class/net", "sys/block", "sys/bus/pci/devices", "proc/irq"):
             return []
+        if self._direct(rel):
+            try:
+                return sorted(os.listdir(f"/{rel}"))
+            except OSError:
+                return []
         return super().listdir(rel)
 
     def read(self, rel: str) -> str | None:
+        if rel in self._read_once:
+            return self._read_once[rel]
+        text = self._read(rel)
+        if rel.startswith("proc/") and rel.count("/") == 2:
+            self._read_once[rel] = text
+        return text
+
+    def _read(self, rel: str) -> str | None:
         text: str | None
-        if self.root == LIVE and not self.overrides and rel.startswith(("proc/", "sys/fs/cgroup/")):
+        if self._direct(rel):
             try:  # the live root: nothing to resolve against, and this is the hot path of every batch
-                with open(f"/{rel}", errors="replace") as file:
-                    text = file.read().rstrip("\n")
+                text = hostfs.read_live(f"/{rel}").rstrip("\n")
             except OSError:
                 return None
         else:
             text = super().read(rel)
         return text.partition("\n")[0] if rel == "proc/interrupts" and text is not None else text
+
+    def stat(self, pid: int) -> workloads.Stat | None:
+        """/proc/PID/stat, parsed; None when the process is gone."""
+        text = self.read(f"proc/{pid}/stat")
+        try:
+            return workloads.parse_stat(text) if text else None
+        except (ValueError, IndexError):
+            return None
+
+    def _direct(self, rel: str) -> bool:
+        return self.root == LIVE and not self.overrides and rel.startswith(("proc/", "sys/fs/cgroup/"))
 
 
 class Listener:
@@ -113,12 +218,17 @@ class Listener:
         self._cv = threading.Condition()
         self._looks: dict[int, _Pending] = {}
         self._exits: list[tuple[int, int | None]] = []
-        self._parents: dict[int, int] = {}  # live processes whose fork was seen -> their parent
+        self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
+        self._since = 0.0  # when the first of the pending events happened
+        self._urgent_since: float | None = None  # when the first exec or rename not yet triaged happened
+        self._own: journal.Journal | None = None
+        self._rows: _TaskRows | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._wake_r, self._wake_w = -1, -1
         self._source: kernel.ProcEventSocket | None = None
-        self._template: tuple[tuple[policy.Policy, int | None], host.Host, plan.Cpus] | None = None
+        self._template: _Template | None = None
+        self._fs = ProcFS(root, frozenset())  # the worker's: its pids are the batch's
         self._known: dict[int, str] = {}  # fallback scan: pid -> comm at the last look
         self._cgroups: dict[str, workloads.Cgroup | None] = {}  # re-read every stray_interval
         # reported
@@ -162,6 +272,9 @@ class Listener:
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
+        if self._own is not None:
+            self._own.close()
+            self._own, self._rows = None, None
         self._wake_r, self._wake_w = -1, -1
 
     # -- what the daemon reports -----------------------------------------------------------------------
@@ -187,28 +300,37 @@ class Listener:
     # -- the reader --------------------------------------------------------------------------------------
 
     def feed(self, events: Iterable[kernel.Event]) -> None:
-        """Record what each event asks for; never blocks on anything but this short lock."""
+        """Record what each event asks for; never blocks on anything but this short lock. The worker is woken
+        only when its next deadline moves closer (the first pending event, the first exec or rename)."""
         with self._cv:
+            wake = fresh = not self._looks and not self._exits
             for event in events:
+                when = min(event.stamp_ns / 1e9, time.monotonic())  # the kernel's stamp, whenever it was read
+                if fresh:
+                    self._since, fresh = when, False
                 self.counts[event.kind] += 1
                 if event.kind == "exit":
                     whole = event.tid == event.pid
                     self._exits.append((event.pid, None if whole else event.tid))
+                    self._forks.pop(event.tid, None)
                     if whole:
                         self._looks.pop(event.pid, None)
-                        self._parents.pop(event.pid, None)
                     continue
+                urgent = event.kind != "fork"
+                if urgent and self._urgent_since is None:
+                    self._urgent_since, wake = when, True
+                if event.kind == "fork":
+                    self._forks[event.tid] = (event.pid, event.parent_pid, event.parent_tid)
                 pending = self._looks.get(event.pid)
-                if event.kind == "fork" and not event.is_thread:
-                    self._parents[event.pid] = event.parent_pid
                 if pending is None:
-                    self._looks[event.pid] = _Pending(event.stamp_ns)
+                    self._looks[event.pid] = _Pending(event.stamp_ns, urgent)
                     continue
                 pending.events += 1
                 self.counts["coalesced"] += 1
-                if event.kind != "fork":  # the exec or rename is what the look is for: latency counts from it
-                    pending.stamp_ns = event.stamp_ns
-            self._cv.notify()
+                if urgent:  # the exec or rename is what the look is for: latency counts from it
+                    pending.stamp_ns, pending.urgent = event.stamp_ns, True
+            if wake:
+                self._cv.notify()
 
     def _read(self) -> None:
         assert self._source is not None
@@ -217,6 +339,7 @@ class Listener:
             ready, _, _ = select.select([self._source.fileno(), self._wake_r], [], [], 1.0)
             if self._source.fileno() not in ready:
                 continue
+            time.sleep(self.options.coalesce)  # by when the first exec read is due: the worker triages at once
             try:
                 self.feed(self._source.read())
             except kernel.Overflow as exc:
@@ -232,12 +355,6 @@ class Listener:
         next_scan = time.monotonic()
         next_strays = time.monotonic() + self.options.stray_interval
         while not self._stop.is_set():
-            with self._cv:
-                if not self._looks and not self._exits:
-                    wake = min(next_strays, next_scan if self._source is None else next_strays)
-                    self._cv.wait(max(0.0, min(1.0, wake - time.monotonic())))
-            if self._stop.is_set():
-                return
             now = time.monotonic()
             if self._source is None and now >= next_scan:
                 self._scan()
@@ -246,14 +363,57 @@ class Listener:
                 next_strays = now + self.options.stray_interval
                 self._cgroups.clear()
                 self._guard(self._check_strays)
+            with self._cv:
+                settle = self._since + self.options.settle if self._looks or self._exits else math.inf
+                urgent = self._urgent_since + self.options.coalesce if self._urgent_since is not None else math.inf
+                wake = min(settle, urgent, next_strays, next_scan if self._source is None else math.inf)
+                if wake > now:
+                    self._cv.wait(min(1.0, wake - now))
+                    continue
             if self._full_running():
                 time.sleep(self.options.full_wait)
-                continue
-            with self._cv:
-                looks, self._looks = self._looks, {}
-                exits, self._exits = self._exits, []
-            if looks or exits:
-                self._guard(functools.partial(self.handle, looks, exits))
+            elif settle <= now:
+                self._guard(self.settle)
+            elif urgent <= now:
+                self._guard(self._triage)
+
+    def settle(self) -> None:
+        """Handle everything pending (what :meth:`feed` recorded) in one batch."""
+        with self._cv:
+            looks, self._looks = self._looks, {}
+            exits, self._exits = self._exits, []
+            forks, self._forks = self._forks, {}
+            self._urgent_since = None
+        self._fs.begin()
+        if looks or exits:
+            self.handle(looks, exits, forks)
+
+    def _triage(self) -> None:
+        """Execs and renames: a process that may need an action (one a workload may select, or one on an
+        agent CPU when isolating) is handled now, with its forks and the exits of an earlier process under
+        its PID; the rest waits for the settle batch, by when most of it has exited and costs nothing."""
+        with self._cv:
+            urgent = [pid for pid, pending in self._looks.items() if pending.urgent]
+            for pid in urgent:
+                self._looks[pid].urgent = False
+            self._urgent_since = None
+        effective, generation = self._desired()
+        template = self._model_template(effective, generation) if effective is not None else None
+        if effective is None or effective.mode == "DryRun" or template is None:
+            return
+        self._fs.begin()
+        ready = {pid for pid in urgent if _worth_planning(effective, template.cpus, self._fs, pid)}
+        if not ready:
+            return
+        with self._cv:
+            looks = {pid: self._looks.pop(pid) for pid in ready if pid in self._looks}
+            forks = {tid: fork for tid, fork in self._forks.items() if fork[0] in looks}
+            for tid in forks:
+                del self._forks[tid]
+            exits = [exit_ for exit_ in self._exits if exit_[0] in looks]
+            self._exits = [exit_ for exit_ in self._exits if exit_[0] not in looks]
+        if looks:
+            self.handle(looks, exits, forks)
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:
@@ -263,37 +423,57 @@ class Listener:
             with self._lock:
                 self.counts["errors"] += 1
 
-    def handle(self, looks: dict[int, _Pending], exits: list[tuple[int, int | None]]) -> None:
-        """One batch: forget exited threads, then tune the PIDs that need a look."""
+    def handle(self, looks: dict[int, _Pending], exits: list[tuple[int, int | None]],
+               forks: dict[int, tuple[int, int, int]] | None = None) -> None:
+        """One batch: forget exited threads that have journal rows, then tune the PIDs that need a look and
+        journal what new tasks inherited. Only a PID that may need an action is read through the host model:
+        one whose comm a workload may select, or (isolating) one with a thread on an agent CPU."""
         exited = [pid for pid, tid in exits if tid is None]
-        if exits:
-            self._log().forget_tasks(exits)
+        log = self._journal()
+        known = self._known_rows(log)
+        gone = [(pid, tid) for pid, tid in exits if pid in known.pids]
+        if gone:
+            log.forget_tasks(gone)
+            for pid, tid in gone:
+                known.forget(pid, tid)
         effective, generation = self._desired()
         if effective is None or effective.mode == "DryRun" or not looks:
             self._found({}, frozenset(), exited)
             return
-        pids = frozenset(looks)
         template = self._model_template(effective, generation)
         if template is None:
             self._found({}, frozenset(), exited)
             return
-        base_host, cpus = template
-        discovery = workloads.Discovery(ProcFS(self.root, pids), cgroups=self._cgroups)
-        model = host.with_processes(base_host, discovery, selection=self._selection(), wanted=effective.workloads,
-                                    threads=pids if effective.isolation.move_threads else False)
-        self._found(model.found, pids, exited)
-        actions = list(_actions(effective, model, cpus, pids))
+        base_host, cpus, hierarchies = template.host, template.cpus, template.hierarchies
+        fs = self._fs
+        fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
+        actions: list[plan.Action] = []
+        if fs.pids:
+            discovery = workloads.Discovery(fs, cgroups=self._cgroups, hierarchies=hierarchies)
+            model = host.with_processes(base_host, discovery, selection=self._selection(),
+                                        wanted=effective.workloads,
+                                        threads=fs.pids if effective.isolation.move_threads else False)
+            self._found(model.found, fs.pids, exited)
+            actions = list(_actions(effective, model, cpus, fs.pids))
+        else:
+            self._found({}, frozenset(), exited)
         with self._lock:
             self.counts["batches"] += 1
-            self.counts["looks"] += len(pids)
+            self.counts["looks"] += len(looks)
+            self.counts["planned"] += len(fs.pids)
+        originals = self._inherit(log, known, forks or {}, actions, effective.name, generation or 0)
         if not actions:
             return
-        self._inherit(actions, effective.name, generation or 0)
-        report = engine.apply_new(actions, context.Context("procevents"), self._log(), self.root,
-                                  policy=effective.name, generation=generation or 0)
+        report = engine.apply_new(actions, context.Context("procevents"), log, self.root,
+                                  policy=effective.name, generation=generation or 0, originals=originals)
         tuned_ns = time.monotonic_ns()
+        desired = {(a.tuner, a.target): a.desired for a in actions}
+        for result in report.results:
+            if result.before is not None and result.target.startswith(journal.TASK_PREFIX):
+                known.add(result.tuner, result.target, originals.get(result.target, result.before),
+                          desired[result.tuner, result.target])
         applied = {workloads.parse_key(r.target)[0] for r in report.results
-                   if r.outcome == "Applied" and r.target.startswith("task/")}
+                   if r.outcome == "Applied" and r.target.startswith(journal.TASK_PREFIX)}
         with self._lock:
             for result in report.results:
                 self.counts[f"actions{result.outcome}"] += 1
@@ -304,38 +484,89 @@ class Listener:
             for result in report.results:
                 self._metrics.actions.labels(result.outcome, result.tuner).inc()
 
-    def _inherit(self, actions: list[plan.Action], name: str, generation: int) -> None:
-        """A child inherits the affinity isolation gave its parent: its original is the parent's original
-        (journaled first, so the child's own apply keeps it), or revert would leave it off the agent CPUs."""
-        with self._cv:
-            parents = {a.target: self._parents.get(workloads.parse_key(a.target)[0], 0) for a in actions
-                       if a.target.endswith("/affinity")}
-        wanted = [a for a in actions if parents.get(a.target)]
-        if not wanted:
-            return
-        log = self._log()
-        originals = {workloads.parse_key(e.target)[1]: e.original for e in log.entries()
-                     if e.tuner == isolation.NAME and e.target.endswith("/affinity")}
-        rows = []
-        for action in wanted:
-            parent = parents[action.target]
-            if originals.get(parent) is not None:
-                rows.append((action.tuner, action.target, originals[parent], action.desired, name, generation))
-        log.record_originals(rows)
+    def _journal(self) -> journal.Journal:
+        """The listener's own connection to the daemon's journal: its data_version moves only with what the
+        rest of the daemon commits, so the task rows it knows stay good across its own writes."""
+        if self._own is None:
+            shared = self._log()
+            self._own = journal.Journal.open(shared.state_dir, shared.boot_id)
+        return self._own
 
-    def _model_template(self, effective: policy.Policy, generation: int | None) -> tuple[host.Host, plan.Cpus] | None:
-        """The device-less host model and CPU split for this policy, read once per generation."""
-        key = (effective, generation)
-        if self._template is not None and self._template[0] == key:
-            return self._template[1], self._template[2]
+    def _known_rows(self, log: journal.Journal) -> _TaskRows:
+        if self._rows is None or self._rows.version != log.data_version():
+            self._rows = _TaskRows(log)
+        return self._rows
+
+    def _inherit(self, log: journal.Journal, known: _TaskRows, forks: dict[int, tuple[int, int, int]],
+                 actions: list[plan.Action], name: str, generation: int) -> dict[str, str | None]:
+        """A new task starts with its parent's affinity, so the original of a child forked from a parent that
+        isolation (or pinning) moved is the parent's original: journaled (with no outcome, so drift leaves
+        it alone), or revert would leave the child where the parent was put. An action on a task's affinity
+        in this batch takes that original (returned, for ``engine.apply_new``), and a row an earlier batch
+        recorded under another tuner moves into it: one row per target, so a full reconcile has nothing to
+        release."""
+        wanted = {a.target: a for a in actions if a.target.endswith("/affinity")}
+        originals: dict[str, str | None] = {}
+        rows: list[tuple[str, str, str | None, str]] = []
+        moved: list[_Row] = []
+        for tid, (pid, parent_pid, parent_tid) in forks.items():
+            parent = known.inherited(parent_pid, parent_tid)
+            child = self._inherited(pid, tid, parent, wanted) if parent is not None else None
+            if child is not None and child[1] in wanted:
+                originals[child[1]] = child[2]
+            elif child is not None:
+                rows.append(child)
+        for target, action in wanted.items():
+            others = known.others(action.tuner, target)
+            if others:
+                rows.append((action.tuner, target, others[0].original, action.desired))
+                moved += others
+        log.record_originals([(*row, name, generation) for row in rows])
+        for tuner, target, original, desired in rows:
+            known.add(tuner, target, original, desired)
+        for other in moved:
+            log.forget(other.tuner, other.target)
+            known.remove(other.tuner, other.target)
+        return originals
+
+    def _inherited(self, pid: int, tid: int, parent: tuple[str, str | None, str],
+                   wanted: dict[str, plan.Action]) -> tuple[str, str, str | None, str] | None:
+        """(tuner, target, original, desired) for a child of a parent whose affinity rows say ``parent``
+        (tuner, original, current), while the child still holds what it inherited."""
+        tuner, original, parent_now = parent
+        text = self._fs.read(f"proc/{pid}/task/{tid}/stat")
         try:
-            base_host = host.read(self.root, ProcFS(self.root, frozenset()))
+            stat = workloads.parse_stat(text) if text else None
+        except (ValueError, IndexError):
+            stat = None
+        if stat is None or stat.flags & (workloads.PF_KTHREAD | workloads.PF_NO_SETAFFINITY):
+            return None  # gone already, or a kernel thread: kthreadd's children are placed by the kernel
+        target = workloads.task_key(pid, tid, stat.start, "affinity")
+        if target in wanted:
+            return wanted[target].tuner, target, original, wanted[target].desired
+        try:
+            current = sched.TUNER.read(self.root, target)
+            inherited = cpulist.parse(current) == cpulist.parse(parent_now)
+        except (OSError, base.Unsupported, cpulist.CpuListError):
+            return None
+        return (tuner, target, original, current) if inherited else None
+
+    def _model_template(self, effective: policy.Policy, generation: int | None) -> _Template | None:
+        """The device-less host model, CPU split and cgroup hierarchies for this policy, read once per
+        generation."""
+        key = (effective, generation)
+        if self._template is not None and self._template.key[1] == generation and (
+                self._template.key[0] is effective or self._template.key == key):
+            return self._template
+        try:
+            fs = ProcFS(self.root, frozenset())
+            base_host = host.read(self.root, fs)
             cpus, _ = planner.resolve_cpus(effective, base_host, effective.name)
         except (errors.InputError, host.HostError) as exc:
             logger.error("process events: cannot plan: %s", exc)
             return None
-        self._template = (key, base_host, cpus)
-        return base_host, cpus
+        self._template = _Template(key, base_host, cpus, tuple(workloads.Discovery(fs).hierarchies()))
+        return self._template
 
     def _scan(self) -> None:
         """No process events: new PIDs and changed comms since the last scan need a look."""
@@ -356,8 +587,12 @@ class Listener:
         if first:
             return  # the daemon's full reconcile planned what was there
         with self._cv:
+            if changed and self._urgent_since is None:
+                self._urgent_since = time.monotonic()
+            if (changed or gone) and not self._looks and not self._exits:
+                self._since = time.monotonic()
             for pid in changed:
-                self._looks.setdefault(pid, _Pending(now_ns))
+                self._looks.setdefault(pid, _Pending(now_ns, True)).urgent = True
             self._exits += [(pid, tid) for pid, tid in gone]
 
     def _check_strays(self) -> None:
@@ -371,16 +606,17 @@ class Listener:
         template = self._model_template(effective, generation)
         if template is None:
             return
-        model = host.with_processes(template[0], workloads.Discovery(hostfs.HostFS(self.root)),
+        model = host.with_processes(template.host, workloads.Discovery(hostfs.HostFS(self.root)),
                                     selection=self._selection(), wanted=effective.workloads, threads=True)
-        found = isolation.strays(effective, model, template[1])
+        found = isolation.strays(effective, model, template.cpus)
         with self._lock:
             self.strays = tuple(action.reason.removeprefix("isolation: ").split(" affinity")[0] for action in found)
             self.counts["strays"] += len(found)
         if found:
             logger.warning("isolation: %d threads on agent CPUs: moving them off", len(found))
-            engine.apply_new(found, context.Context("strays"), self._log(), self.root, policy=effective.name,
+            engine.apply_new(found, context.Context("strays"), self._journal(), self.root, policy=effective.name,
                              generation=generation or 0)
+            self._rows = None
 
 
 def _prioritize() -> None:
@@ -390,6 +626,24 @@ def _prioritize() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PRIORITY_NICE)
     except OSError as exc:
         logger.info("process events: cannot raise this thread's priority: %s", exc)
+
+
+def _worth_planning(effective: policy.Policy, cpus: plan.Cpus, fs: ProcFS, pid: int) -> bool:
+    """Whether planning ``pid`` may give an action, from its stat (and its affinity, when isolating): a
+    process no workload can select by its comm and with no thread on an agent CPU is not read further."""
+    stat = fs.stat(pid)
+    if stat is None or stat.state in "ZX":
+        return False
+    if not stat.flags & workloads.PF_KTHREAD and any(workloads.may_select(w, stat.comm) for w in effective.workloads):
+        return True
+    if not effective.isolation.move_threads or not cpus.agent:
+        return False
+    if stat.threads != 1:
+        return True  # its other threads may be anywhere: the model reads them all
+    try:
+        return bool(taskattrs.backend(fs.root).affinity(pid, pid) & cpus.agent)
+    except (OSError, taskattrs.Unsupported):
+        return False
 
 
 def _actions(effective: policy.Policy, model: host.Host, cpus: plan.Cpus,

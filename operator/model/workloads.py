@@ -33,6 +33,7 @@ live root, a file-backed fake on fixture trees).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import threading
@@ -170,6 +171,7 @@ SCAN_CPU_BUDGET_S = float(os.environ.get("AGENTLAT_SCAN_BUDGET_S", "5"))
 _KEY = re.compile(r"^task/(\d+)/(\d+)@(\d+)/([a-z]+)$")
 
 
+@functools.lru_cache(maxsize=4096)  # the engine and the daemon parse each new task's targets many times over
 def parse_key(target: str) -> tuple[int, int, int, str]:
     match = _KEY.match(target)
     if match is None or match.group(4) not in taskattrs.ATTR_NAMES:
@@ -217,13 +219,22 @@ class Stat:
     state: str
     flags: int
     start: int
+    threads: int
 
 
 def parse_stat(text: str) -> Stat:
     """/proc/PID/stat: comm is between the first '(' and the last ')' (it may hold spaces and parens)."""
     left, right = text.index("("), text.rindex(")")
     rest = text[right + 2:].split()
-    return Stat(comm=text[left + 1:right], state=rest[0], flags=int(rest[6]), start=int(rest[19]))
+    return Stat(comm=text[left + 1:right], state=rest[0], flags=int(rest[6]), start=int(rest[19]),
+                threads=int(rest[17]))
+
+
+def may_select(workload: policy.Workload, comm: str) -> bool:
+    """Whether a process named ``comm`` may be one of ``workload``'s, by its comm alone: a caller can skip
+    reading the rest of a process that cannot be."""
+    selector = workload.process_selector
+    return selector is None or selector.comm is None or re.search(selector.comm, comm) is not None
 
 
 # --- discovery -----------------------------------------------------------------------------------------
@@ -232,16 +243,17 @@ class Discovery:
     """Memoized reads of processes, threads and cgroups for the workloads ``host.read`` is asked about."""
 
     def __init__(self, fs: hostfs.HostFS, backend: taskattrs.Backend | None = None,
-                 cgroups: dict[str, Cgroup | None] | None = None) -> None:
-        """``cgroups``: a cache to share across reads (the daemon's per-process reactions: new processes
-        mostly join cgroups already read)."""
+                 cgroups: dict[str, Cgroup | None] | None = None,
+                 hierarchies: tuple[Hierarchy, ...] | None = None) -> None:
+        """``cgroups`` and ``hierarchies``: what to share across reads (the daemon's per-process reactions:
+        new processes mostly join cgroups already read, in hierarchies that do not change)."""
         self.fs = fs
         self.live = hostfs.is_live(fs.root)
         self.backend = backend or taskattrs.backend_for(fs.root)
         self._lock = threading.RLock()
         self._found: dict[tuple[str, tuple[str, ...] | None], Found] = {}
         self._cgroups: dict[str, Cgroup | None] = cgroups if cgroups is not None else {}
-        self._hierarchies: list[Hierarchy] | None = None
+        self._hierarchies: list[Hierarchy] | None = list(hierarchies) if hierarchies is not None else None
         self._processes: dict[tuple[int, str | None], Process | None] = {}
 
     def hierarchies(self) -> list[Hierarchy]:
@@ -290,16 +302,11 @@ class Discovery:
                 key = task_key(pid, tid, stat.start, "affinity")
                 original = self.fs.overrides.get(key)
                 try:
-                    affinity = cpulist.parse(original) if original is not None else self._affinity(pid, tid)
+                    affinity = cpulist.parse(original) if original is not None else self.backend.affinity(pid, tid)
                 except (OSError, ValueError, taskattrs.Unsupported, cpulist.CpuListError):
                     continue  # exited meanwhile
                 yield Thread(pid, tid, stat.start, stat.comm, bool(stat.flags & PF_KTHREAD),
                              bool(stat.flags & PF_NO_SETAFFINITY), affinity, group)
-
-    def _affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
-        if self.live:
-            return frozenset(os.sched_getaffinity(tid))
-        return self.backend.attrs(pid, tid).affinity
 
     def selects_self(self, workload: policy.Workload) -> bool:
         """Whether the workload's processSelector matches this very process (the agentlat daemon or CLI):
@@ -309,13 +316,11 @@ class Discovery:
                                                  and selector.cgroup is None):
             return False
         pid = os.getpid()
-        stat = self._stat(f"proc/{pid}/stat")
+        comm = self.fs.read(f"proc/{pid}/comm")  # not stat: a busy daemon's stat sums the times of every thread
+        if comm is None or (selector.comm is not None and not patterns.search(selector.comm, comm)):
+            return False
         args = self._cmdline(pid)
-        if stat is None or args is None:
-            return False
-        if selector.comm is not None and not patterns.search(selector.comm, stat.comm):
-            return False
-        if selector.cmdline is not None and not patterns.search(selector.cmdline, args):
+        if args is None or (selector.cmdline is not None and not patterns.search(selector.cmdline, args)):
             return False
         return selector.cgroup is None or any(patterns.glob_match(p, selector.cgroup)
                                               for _, p in self._cgroup_paths(pid))

@@ -335,6 +335,21 @@ class HostFS:
         return sorted(rel for rel in self.files if not stat_in_root(self.root, rel).st_mode & stat.S_IWUSR)
 
 
+def read_live(path: str, limit: int = 1 << 20) -> str:
+    """A file of the live root's own procfs or sysfs (an absolute path the caller built from trusted parts)
+    with plain os.open and os.read, at most ``limit`` bytes: for the hot paths that read a few per process.
+    Raises OSError as open() does."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        chunks, size = [], 0
+        while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode(errors="replace")
+
+
 def _manifest_readonly(root: pathlib.Path) -> frozenset[str] | None:
     try:
         manifest = json.loads(read_text(root, MANIFEST))

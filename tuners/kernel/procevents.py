@@ -16,14 +16,13 @@ is unknown, so :class:`Overflow` tells the caller to rescan /proc.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import select
 import socket
 import struct
 import time
-from typing import Literal
+from typing import Literal, NamedTuple
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -61,8 +60,7 @@ class Overflow(Exception):
     """The kernel dropped proc events (ENOBUFS): which ones is unknown."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Event:
+class Event(NamedTuple):  # a tuple: a fork storm builds hundreds of thousands of them
     kind: Kind
     tid: int  # the task the event is about (the child, for fork)
     pid: int  # its thread group (process) id

@@ -110,6 +110,13 @@ class Backend(Protocol):
     def attrs(self, pid: int, tid: int) -> SchedAttrs:
         ...
 
+    def value(self, pid: int, tid: int, attr: str) -> str | None:
+        """One attribute in target syntax (``attr_value`` of :meth:`attrs`), reading only what it needs."""
+        ...
+
+    def affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
+        ...
+
     def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
         ...
 
@@ -177,6 +184,21 @@ class RealBackend:
                 timer_slack_ns=self._timer_slack(tid),
                 affinity=frozenset(os.sched_getaffinity(tid)),
             )
+
+    def value(self, pid: int, tid: int, attr: str) -> str | None:
+        if attr == "nice":
+            with _gone_as_esrch():
+                return str(os.getpriority(os.PRIO_PROCESS, tid))
+        if attr == "timerslack":
+            slack = self._timer_slack(tid)
+            return str(slack) if slack is not None else None
+        if attr == "affinity":
+            return cpulist.format(self.affinity(pid, tid))
+        return attr_value(self.attrs(pid, tid), attr)
+
+    def affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
+        with _gone_as_esrch():
+            return frozenset(os.sched_getaffinity(tid))
 
     def get_attr(self, tid: int) -> SchedAttr | None:
         if self._numbers is None:
@@ -279,6 +301,12 @@ class ForeignBackend:
     def attrs(self, pid: int, tid: int) -> SchedAttrs:
         raise self._refuse()
 
+    def value(self, pid: int, tid: int, attr: str) -> str | None:
+        raise self._refuse()
+
+    def affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
+        raise self._refuse()
+
     def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
         raise self._refuse()
 
@@ -323,6 +351,12 @@ class FakeBackend:
             timer_slack_ns=int(slack) if slack is not None else None,
             affinity=cpulist.parse(str(state.get("affinity", "0"))),
         )
+
+    def value(self, pid: int, tid: int, attr: str) -> str | None:
+        return attr_value(self.attrs(pid, tid), attr)
+
+    def affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
+        return self.attrs(pid, tid).affinity
 
     def set_policy(self, pid: int, tid: int, name: str, priority: int, reset_on_fork: bool) -> None:
         state = self._load(pid, tid)
