@@ -127,10 +127,10 @@ class NodeDaemon:
                 self._loop(ctx, source, wake_r)
             finally:
                 self._procs.stop()
-                self._latency.stop()
                 self._queue.shut_down()
                 self._relay_stop()
                 self._join(workers)
+                self._latency.stop()
                 if source is not None:
                     source.close()
                 os.close(wake_r)

@@ -109,7 +109,6 @@ class Watch:
         self._agent_cpus: cpulist.CpuSet = frozenset()
         self._collector: wakeups.Collector | None = None
         self._unavailable: str | None = None
-        self._stopped = False
 
     # -- what to watch ----------------------------------------------------------------------------------
 
@@ -140,8 +139,8 @@ class Watch:
             self._follow()
 
     def stop(self) -> None:
+        """Stop the collector; the next full plan starts a new one if there is something to watch."""
         with self._lock:
-            self._stopped = True
             self._stop_collector()
 
     # -- what is seen -----------------------------------------------------------------------------------
@@ -200,7 +199,7 @@ class Watch:
     def _follow(self) -> None:
         """Run the collector while there is something to watch, with exactly that."""
         specs = self._specs()
-        if not specs or not self.live or self._stopped:
+        if not specs or not self.live:
             self._stop_collector()
             return
         if self._collector is not None:
