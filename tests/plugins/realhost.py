@@ -15,7 +15,9 @@ import pytest
 
 from agentlat.operator.core import context, engine, journal
 
-GUARDED = ("/proc/irq/*/smp_affinity_list", "/proc/irq/default_smp_affinity")
+GUARDED = ("/proc/irq/*/smp_affinity_list", "/proc/irq/default_smp_affinity",
+           # what CPU isolation writes besides thread affinities
+           "/sys/devices/virtual/workqueue/cpumask", "/sys/devices/system/cpu/cpu*/power/pm_qos_resume_latency_us")
 
 
 def read_guarded() -> dict[str, str]:
