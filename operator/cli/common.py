@@ -9,10 +9,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
+import signal
 import textwrap
+import threading
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agentlat.operator.core import journal
+
+if TYPE_CHECKING:
+    from agentlat.operator.core import context
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -82,3 +89,32 @@ def kubeconfig_arg(parser: argparse.ArgumentParser) -> None:
 def log_level_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default="info",
                         help="log level (default info)")
+
+
+def wait_for_signals(thread: threading.Thread, ctx: context.Context, watched: set[signal.Signals], *,
+                     grace: float, announce: Callable[[str], None], repeat_kills: frozenset[signal.Signals],
+                     on_hup: Callable[[], None] | None = None) -> None:
+    """Until ``thread`` ends, take ``watched`` synchronously (sigtimedwait), so stop/kill never run inside a
+    handler: the first stop signal stops ``ctx`` (the current write finishes, settings stay) and kills it
+    ``grace`` seconds later; a repeat of one of ``repeat_kills`` kills at once; SIGHUP calls ``on_hup``."""
+    repeats = 0
+    kill_at: float | None = None
+    while thread.is_alive():
+        info = signal.sigtimedwait(watched, 0.5)
+        if info is not None and info.si_signo not in watched:
+            info = None  # a stop/continue interrupted the wait: CPython then returns an uninitialized siginfo
+        if info is None:
+            if kill_at is not None and time.monotonic() > kill_at and not ctx.is_killed():
+                ctx.kill()
+            continue
+        if info.si_signo == signal.SIGHUP and on_hup is not None:
+            on_hup()
+            continue
+        repeats += info.si_signo in repeat_kills
+        if repeats >= 2:
+            ctx.kill()
+            continue
+        announce(signal.Signals(info.si_signo).name)
+        ctx.stop()
+        kill_at = time.monotonic() + grace
+    thread.join()

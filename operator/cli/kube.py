@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 from agentlat.operator.cli import common
@@ -182,25 +181,9 @@ def _wait_for_signals(thread: threading.Thread, ctx: context.Context, watched: s
     from agentlat.operator.daemon import node
     from agentlat.operator.kube import agent
 
-    stops = 0
-    kill_at: float | None = None
-    while thread.is_alive():
-        info = signal.sigtimedwait(watched, 0.5)
-        if info is not None and info.si_signo not in watched:
-            info = None  # a stop/continue interrupted the wait: CPython then returns an uninitialized siginfo
-        if info is None:
-            if kill_at is not None and time.monotonic() > kill_at:
-                ctx.kill()
-            continue
-        stops += 1
-        if stops > 1:
-            ctx.kill()
-            continue
-        agent.logger.info("%s: stopping after the current write (settings are kept)",
-                          signal.Signals(info.si_signo).name)
-        ctx.stop()
-        kill_at = time.monotonic() + node.Options.kill_grace
-    thread.join()
+    common.wait_for_signals(
+        thread, ctx, watched, grace=node.Options.kill_grace, repeat_kills=frozenset(watched),
+        announce=lambda name: agent.logger.info("%s: stopping after the current write (settings are kept)", name))
 
 
 def cmd_uninstall_wait(args: argparse.Namespace) -> int:

@@ -8,7 +8,6 @@ import pathlib
 import signal
 import sys
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from agentlat.operator.cli import common, local
@@ -94,35 +93,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _wait_for_signals(thread: threading.Thread, ctx: context.Context, daemon: node.NodeDaemon, path: pathlib.Path,
                       watched: set[signal.Signals]) -> None:
-    """Signals are taken synchronously here (sigtimedwait), so stop/kill never run inside a handler."""
+    """SIGTERM/SIGINT stop after the current write (a second SIGINT kills); SIGHUP re-reads the policy."""
     from agentlat.operator.daemon import node
     from agentlat.operator.model import errors
 
-    interrupts = 0
-    stop_at: float | None = None
-    while thread.is_alive():
-        info = signal.sigtimedwait(watched, 0.5)
-        if info is not None and info.si_signo not in watched:
-            info = None  # a stop/continue interrupted the wait: CPython then returns an uninitialized siginfo
-        if info is None:
-            if stop_at is not None and time.monotonic() > stop_at and not ctx.is_killed():
-                ctx.kill()
-            continue
-        if info.si_signo == signal.SIGHUP:
-            try:
-                reloaded = local.load_policy(path)
-            except errors.InputError as exc:
-                print(f"agentlat: SIGHUP: keeping the running policy: {exc.render()}", file=sys.stderr)
-                continue
-            print(f"agentlat: SIGHUP: re-read {path}", file=sys.stderr)
-            daemon.set_policy(reloaded, reloaded.generation)
-            continue
-        interrupts += info.si_signo == signal.SIGINT
-        if interrupts >= 2:
-            ctx.kill()
-            continue
-        print(f"agentlat: {signal.Signals(info.si_signo).name}: stopping after the current write "
-              "(settings are kept)", file=sys.stderr)
-        ctx.stop()
-        stop_at = time.monotonic() + node.Options.kill_grace
-    thread.join()
+    def reload() -> None:
+        try:
+            reloaded = local.load_policy(path)
+        except errors.InputError as exc:
+            print(f"agentlat: SIGHUP: keeping the running policy: {exc.render()}", file=sys.stderr)
+            return
+        print(f"agentlat: SIGHUP: re-read {path}", file=sys.stderr)
+        daemon.set_policy(reloaded, reloaded.generation)
+
+    def announce(name: str) -> None:
+        print(f"agentlat: {name}: stopping after the current write (settings are kept)", file=sys.stderr)
+
+    common.wait_for_signals(thread, ctx, watched, grace=node.Options.kill_grace, announce=announce,
+                            repeat_kills=frozenset({signal.SIGINT}), on_hup=reload)
