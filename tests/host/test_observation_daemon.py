@@ -17,7 +17,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import pytest
@@ -62,19 +61,6 @@ def agent() -> subprocess.Popen[bytes]:
     return child
 
 
-@contextlib.contextmanager
-def running(node: daemon.NodeDaemon) -> Iterator[None]:
-    ctx = context.Context("host-test")
-    thread = threading.Thread(target=node.run, args=(ctx,), name="daemon-under-test")
-    thread.start()
-    try:
-        yield
-    finally:
-        ctx.stop()
-        thread.join(GUARD)
-        assert not thread.is_alive(), "the daemon did not stop"
-
-
 def latency(node: daemon.NodeDaemon) -> observation.Report | None:
     return node.snapshot().measurements.latency
 
@@ -95,7 +81,7 @@ def observed_daemon(tmp_path: pathlib.Path) -> Iterator[tuple[daemon.NodeDaemon,
     node = daemon.NodeDaemon(ROOT, tmp_path / "state", options=daemon.Options(verify_interval=1.0))
     node.set_policy(policy.load_text(POLICY)[0], 1)
     try:
-        with running(node):
+        with realhost.running_daemon(node):
             realhost.wait_for(lambda: node.snapshot().generation == 1, "the initial apply", GUARD)
             yield node, children
     finally:

@@ -14,9 +14,7 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -25,6 +23,7 @@ from agentlat.operator.daemon import node as daemon
 from agentlat.operator.model import host, policy
 from agentlat.tuners import isolation
 from agentlat.tuners.kernel import procevents
+from tests.plugins import realhost
 
 pytestmark = pytest.mark.host
 ROOT = pathlib.Path("/")
@@ -54,28 +53,6 @@ SYSFS = [isolation.WORKQUEUE, host.resume_latency_file(1), host.resume_latency_f
 def two_cpus(real_host_guard: dict[str, str]) -> None:
     if host.read(ROOT).online != {0, 1}:
         pytest.skip("written for this 2-CPU machine kind: needs online CPUs 0-1")
-
-
-def wait_for(condition: Callable[[], bool], what: str, guard: float = GUARD) -> None:
-    deadline = time.monotonic() + guard
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"not reached within {guard:.0f} s: {what}")
-
-
-@contextlib.contextmanager
-def running(node: daemon.NodeDaemon) -> Iterator[None]:
-    ctx = context.Context("host-test")
-    thread = threading.Thread(target=node.run, args=(ctx,), name="daemon-under-test")
-    thread.start()
-    try:
-        yield
-    finally:
-        ctx.stop()
-        thread.join(GUARD)
-        assert not thread.is_alive(), "the daemon did not stop"
 
 
 def state(pid: int) -> tuple[int, int, int, frozenset[int]]:
@@ -122,8 +99,8 @@ def test_processes_are_tuned_as_they_start_and_reverted_exactly(tmp_path: pathli
     node = daemon.NodeDaemon(ROOT, tmp_path / "state", options=daemon.Options(verify_interval=2.0))
     node.set_policy(policy.load_text(POLICY)[0], 1)
     try:
-        with running(node), procevents.ProcEventSocket() as sock:
-            wait_for(lambda: node.snapshot().generation == 1, "the initial apply")
+        with realhost.running_daemon(node), procevents.ProcEventSocket() as sock:
+            realhost.wait_for(lambda: node.snapshot().generation == 1, "the initial apply", GUARD)
             assert os.sched_getaffinity(pinned.pid) == {0}, "pinned to the agent CPU before: moved off"
             assert (ROOT / host.resume_latency_file(1)).read_text().strip() == "n/a"
 
@@ -141,7 +118,7 @@ def test_processes_are_tuned_as_they_start_and_reverted_exactly(tmp_path: pathli
 
             bystander = subprocess.Popen([named(tmp_path, "procev-other", "/bin/sleep"), "120"])
             children.append(bystander)
-            wait_for(lambda: os.sched_getaffinity(bystander.pid) == {0}, "a new bystander kept off CPU 1", 2.0)
+            realhost.wait_for(lambda: os.sched_getaffinity(bystander.pid) == {0}, "a new bystander kept off CPU 1", 2.0)
 
             short = named(tmp_path, "procev-agent-t", "/bin/sleep")
             tuned_before = node.snapshot().measurements.observed["procEventsTuned"]
@@ -155,7 +132,7 @@ def test_processes_are_tuned_as_they_start_and_reverted_exactly(tmp_path: pathli
                 live = {int(e.target.split("/")[1]) for e in log.entries() if e.target.startswith("task/")}
                 return all(pathlib.Path(f"/proc/{pid}").exists() for pid in live)
 
-            wait_for(no_short_rows, "journal rows of exited processes forgotten", 10.0)
+            realhost.wait_for(no_short_rows, "journal rows of exited processes forgotten", 10.0)
             agents = [c.pid for c in children[1:6]]
             rows = [e for e in log.entries() if e.target.startswith("task/")]
             assert {int(e.target.split("/")[1]) for e in rows if e.tuner == "sched"} >= set(agents)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from agentlat.operator.core import context, engine, journal
+from agentlat.operator.daemon import node as node_module
 
 GUARDED = ("/proc/irq/*/smp_affinity_list", "/proc/irq/default_smp_affinity",
            # what CPU isolation writes besides thread affinities
@@ -77,3 +78,17 @@ def reverting_journal(state: pathlib.Path) -> Iterator[journal.Journal]:
             yield log
         finally:
             engine.revert(context.Context("test-teardown"), log, pathlib.Path("/"))
+
+
+@contextlib.contextmanager
+def running_daemon(node: node_module.NodeDaemon, bound: float = 60.0) -> Iterator[None]:
+    """``node.run`` in a thread for the body; stopped (settings kept) and joined, with a bound, after it."""
+    ctx = context.Context("host-test")
+    thread = threading.Thread(target=node.run, args=(ctx,), name="daemon-under-test")
+    thread.start()
+    try:
+        yield
+    finally:
+        ctx.stop()
+        thread.join(bound)
+        assert not thread.is_alive(), "the daemon did not stop"
