@@ -49,12 +49,16 @@ COMMANDS = (
 def cmd_run(args: argparse.Namespace) -> int:
     from agentlat.operator.core import context, planner
     from agentlat.operator.daemon import node
-    from agentlat.operator.model import errors, host
+    from agentlat.operator.model import errors, workloads
+    from agentlat.tuners.kernel import hostfs
 
     if str(args.policy) == local.STDIN:
         raise errors.single("--policy", "", "the daemon re-reads its policy on SIGHUP: give a file, not -")
     effective = local.load_policy(args.policy)  # bad input: exit 2 before touching anything
-    planner.refuse_self(effective, host.read(args.root, wanted=effective.workloads), str(args.policy))
+    # Before anything starts, and without a whole host read: only whether a selector matches this process.
+    discovery = workloads.Discovery(hostfs.HostFS(args.root))
+    planner.refuse_self(effective, frozenset(w.name for w in effective.workloads if discovery.selects_self(w)),
+                        str(args.policy))
     if args.verify_interval <= 0 or args.irq_interval <= 0:
         raise errors.single("agentlat run", "--verify-interval/--irq-interval", "must be positive")
     logging.basicConfig(level=logging.INFO, format="agentlat: %(message)s", stream=sys.stderr)

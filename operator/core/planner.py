@@ -16,7 +16,7 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
                          "read it with host.read(..., wanted=policy.workloads)")
     if policy.isolation.move_threads and host.threads is None:
         raise ValueError("the host was read without its threads: read it with host.read_for(policy, ...)")
-    refuse_self(policy, host, source)
+    refuse_self(policy, host.self_selected, source)
     cpus, notes = resolve_cpus(policy, host, source)
     actions: list[plan.Action] = []
     skips: list[plan.Skip] = list(notes)
@@ -29,12 +29,12 @@ def make_plan(policy: policy.Policy, host: host.Host, source: str = "") -> plan.
     return plan.Plan(policy.name, cpus, tuple(actions), tuple(skips))
 
 
-def refuse_self(policy: policy.Policy, host: host.Host, source: str = "") -> None:
+def refuse_self(policy: policy.Policy, self_selected: frozenset[str], source: str = "") -> None:
     """InputError when a workload's processSelector selects agentlat itself (on a live root): the daemon
     would renice, pin or demote its own threads."""
     problems = [errors.Problem(f"spec.workloads[{index}].processSelector",
                                f"selects this agentlat process itself (pid {os.getpid()}): narrow it")
-                for index, workload in enumerate(policy.workloads) if workload.name in host.self_selected]
+                for index, workload in enumerate(policy.workloads) if workload.name in self_selected]
     if problems:
         raise errors.InputError(source, problems[:1])
 
