@@ -148,5 +148,9 @@ def test_stop_and_kill_through_the_context_leave_a_revertible_journal(tmp_path: 
     assert realhost.read_guarded() == pristine
 
 
-def test_all_irq_dirs_are_guarded() -> None:
-    assert len(glob.glob("/proc/irq/*/smp_affinity_list")) == len(realhost.read_guarded()) - 1
+def test_every_irq_and_isolation_knob_is_guarded() -> None:
+    guarded = realhost.read_guarded().keys()
+    knobs = {*glob.glob("/proc/irq/*/smp_affinity_list"), "/proc/irq/default_smp_affinity",
+             *glob.glob("/sys/devices/virtual/workqueue/cpumask"),
+             *glob.glob("/sys/devices/system/cpu/cpu*/power/pm_qos_resume_latency_us")}
+    assert knobs - guarded == set()
