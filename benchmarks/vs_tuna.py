@@ -229,8 +229,14 @@ def daemon_running(policy_file: pathlib.Path, state: pathlib.Path) -> Iterator[N
         yield
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-        reader.join(5)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("agentlat run did not stop within 30 s of SIGTERM:\n" + "".join(log[-20:])) from None
+        finally:
+            reader.join(5)
 
 
 def revert(state: pathlib.Path) -> None:
@@ -245,10 +251,11 @@ def phase(name: str, agent: int, seconds: float, scratch: pathlib.Path, policy_f
     command = cyclictest(agent, int(seconds * 2000))
     state = scratch / f"state-{name}"
     if name == "D":
-        with daemon_running(policy_file, state), noise(seconds + 5, scratch), sampled(seconds / 2 + 1, seen):
-            samples = measure(command, seconds)
-        revert(state)
-        return samples
+        try:
+            with daemon_running(policy_file, state), noise(seconds + 5, scratch), sampled(seconds / 2 + 1, seen):
+                return measure(command, seconds)
+        finally:
+            revert(state)  # also when the daemon failed to stop: the journal dies with the scratch dir
     with noise(seconds + 5, scratch), sampled(seconds / 2 + 1, seen):
         if name == "default":
             return measure(command, seconds)

@@ -479,7 +479,10 @@ def _read_text(path: pathlib.Path) -> str:
 
 
 def _child_setup() -> None:
-    """In the bpftrace child: die with the collector; lift RLIMIT_MEMLOCK where allowed (old kernels need it)."""
+    """In the bpftrace child: no signal blocked (the daemons block their stop signals in every thread, and a
+    blocked SIGINT would never reach bpftrace: stop() would wait out its bound, then kill); die with the
+    collector; lift RLIMIT_MEMLOCK where allowed (old kernels need it)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     prctl.die_with_parent(signal.SIGTERM)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))

@@ -173,6 +173,27 @@ def test_killed_bpftrace_is_restarted_and_keeps_measuring() -> None:
     assert snap.mode == "bpf" and snap.restarts == 1
 
 
+def test_stop_reaches_bpftrace_started_under_the_daemons_blocked_stop_signals() -> None:
+    """`agentlat run` and `agentlat agent` block their stop signals in every thread; bpftrace must not inherit
+    that, or the SIGINT that flushes and ends it never arrives and stop() waits out its bound, then kills."""
+    stop_signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        collector = wakeups.Collector([], frozenset({AGENT_CPU}), interval_s=0.5).start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        assert collector.wait_ready(60), collector.reason or "bpftrace did not attach"
+        child = collector._proc
+        assert child is not None
+        status = pathlib.Path(f"/proc/{child.pid}/status").read_text()
+        blocked = next(line.split()[1] for line in status.splitlines() if line.startswith("SigBlk:"))
+        assert int(blocked, 16) == 0, f"bpftrace runs with signals blocked: SigBlk {blocked}"
+    finally:
+        collector.stop()
+    assert child.returncode == 0, f"bpftrace did not end through its SIGINT handler: {child.returncode}"
+
+
 def test_program_buckets_match_bucket_index() -> None:
     values = [0, 1, 7, 8, 9, 15, 16, 17, 100, 1023, 1024, 12_345, 999_999, 2_500_000, 123_456_789, 1 << 33]
     body = " ".join(f"$d = (uint64){value}; {wakeups._bucket_code('$d', '$b')} printf(\"%lld\\n\", $b);"
