@@ -63,6 +63,7 @@ class Options:
     kill_grace: float = 5.0  # after a stop, how long the running job may take before it is killed
     workers: int = 4  # device reactions at once (a block queue write waits ~30 ms for an RCU grace period)
     wakeup_interval: float = 1.0  # the per-wakeup collector's flush interval (figures are per verify_interval)
+    observation_linger: float = observation.LINGER_S  # the collector stays this long after the last agent went
 
 
 class NodeDaemon:
@@ -83,7 +84,8 @@ class NodeDaemon:
         self._irqbalance = drift.IrqbalanceWatch(root, clock, self.options.irqbalance_scan_interval)
         self._irqs = devices.IrqWatch(root)
         self._latency = observation.Watch(root, self.metrics, live=hostfs.is_live(root),
-                                      interval_s=self.options.wakeup_interval)
+                                      interval_s=self.options.wakeup_interval,
+                                      linger_s=self.options.observation_linger)
         self._reconciler = reconcile.Reconciler(root, self._open_journal, self._status, self._drifts,
                                                 self._irqbalance, self._irqs, self.metrics, clock,
                                                 found=self._latency.planned)

@@ -1,13 +1,15 @@
 """Experiment C in the node daemon: one per-wakeup collector (:mod:`agentlat.operator.observe.wakeups`) for
 the agent-interactive workloads of the enforced policy, against ``latencyBudget.stepP99Micros``.
 
-The collector runs only while one of those workloads has a process (or, in cluster mode, a pod cgroup) to
-watch, so an idle node pays nothing for it. The last full plan says which processes are there; the process
-event listener adds and drops them as they exec, rename and exit, and the collector follows at once
-(``set_workloads``, no restart). It runs only on a live root and where bpftrace can run; otherwise the
-daemon keeps its coarse /proc observation (:mod:`status`), the report says ``coarse`` and why, and the
-node is Degraded (``CoarseObservation``). A bpftrace that dies is restarted by the collector; one that keeps
-failing turns the report coarse with its last error, and the next full reconcile tries a fresh collector.
+The collector runs while one of those workloads has a process (or, in cluster mode, a pod cgroup) to watch,
+and ``linger_s`` after the last one went: agents come and go all the time, and starting bpftrace costs about a
+CPU second and misses the first second of the next agent, while an attached program that tracks nothing costs
+almost nothing. A node whose agents stay away longer pays nothing. The last full plan says which processes are
+there; the process event listener adds and drops them as they exec, rename and exit, and the collector follows
+at once (``set_workloads``, no restart). It runs only on a live root and where bpftrace can run; otherwise the
+daemon keeps its coarse /proc observation (:mod:`status`), the report says ``coarse`` and why, and the node is
+Degraded (``CoarseObservation``). A bpftrace that dies is restarted by the collector; one that keeps failing
+turns the report coarse with its last error, and the next full reconcile tries a fresh collector.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import dataclasses
 import logging
 import pathlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -27,6 +30,7 @@ from agentlat.tuners.kernel import cpulist
 logger = logging.getLogger(__name__)
 LIVE = pathlib.Path("/")
 STATUS_OFFENDERS = 3
+LINGER_S = 60.0
 Factory = Callable[[list[wakeups.Workload], cpulist.CpuSet], wakeups.Collector]
 
 
@@ -97,11 +101,15 @@ class Watch:
     """Thread-safe: the reconcile workers, the process event worker and the daemon loop all call it."""
 
     def __init__(self, root: pathlib.Path, registry: metrics.Metrics, *, live: bool, interval_s: float = 1.0,
-                 factory: Factory | None = None) -> None:
+                 factory: Factory | None = None, linger_s: float = LINGER_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.root = root
         self.metrics = registry
         self.live = live
         self.interval_s = interval_s
+        self.linger_s = linger_s
+        self._clock = clock
+        self._idle_since: float | None = None  # the collector runs with nothing to watch since then
         self._factory = factory or self._new_collector
         self._lock = threading.RLock()
         self._watched: dict[str, _Watched] = {}
@@ -151,11 +159,15 @@ class Watch:
             if not self._watched:
                 self.metrics.observation_mode.clear()
                 return None
+            self._expire()
             collector, budget = self._collector, self._budget_us
             why = self._coarse_reason()
+            watching = self._idle_since is None
         if why is not None:
             found = Report("coarse", why, budget, 0.0)
-        elif collector is None:
+        elif collector is None or not watching:
+            if collector is not None:
+                collector.snapshot(reset=True)  # the next interval with agents starts now
             names = ", ".join(sorted(self._watched))
             found = Report("idle", f"no process of {names} is running: nothing to trace", budget, 0.0)
         else:
@@ -197,11 +209,18 @@ class Watch:
                 for name, w in sorted(self._watched.items()) if w.pids or w.cgroups]
 
     def _follow(self) -> None:
-        """Run the collector while there is something to watch, with exactly that."""
+        """Run the collector while there is something to watch, with exactly that, and ``linger_s`` after."""
         specs = self._specs()
-        if not specs or not self.live:
+        if not self._watched or not self.live:
             self._stop_collector()
             return
+        if not specs:
+            if self._collector is not None and self._idle_since is None:
+                self._collector.set_workloads([])
+                self._idle_since = self._clock()
+            self._expire()
+            return
+        self._idle_since = None
         if self._collector is not None:
             self._collector.set_workloads(specs)
             return
@@ -214,7 +233,12 @@ class Watch:
         self._collector = self._factory(specs, self._agent_cpus).start()
         logger.info("per-wakeup collector started for %s", ", ".join(spec.name for spec in specs))
 
+    def _expire(self) -> None:
+        if self._idle_since is not None and self._clock() - self._idle_since >= self.linger_s:
+            self._stop_collector()
+
     def _stop_collector(self) -> None:
+        self._idle_since = None
         if self._collector is not None:
             self._collector.stop()
             self._collector = None

@@ -2,8 +2,9 @@
 
 An agent process (a 1 ms timer loop pinned to CPU 1 by the policy) is watched by the daemon's collector:
 its wakeups show up in ``snapshot().measurements.latency`` (mode ebpf) and in the metrics; a replacement
-started under the running daemon is picked up from its process events; with no agent process left the
-collector stops. Without bpftrace on PATH the daemon reports coarse, with the reason, and Degraded.
+started under the running daemon is picked up from its process events by the same bpftrace; with no agent
+process left for the linger the collector stops. Without bpftrace on PATH the daemon reports coarse, with the
+reason, and Degraded.
 
 Run under the host lock: ``flock /tmp/agentlat-host.lock pytest -m host tests/host/test_observation_daemon.py``.
 The policy writes only the agent processes' affinity (journaled; reverted in ``finally``).
@@ -31,6 +32,7 @@ from tests.plugins import realhost
 pytestmark = pytest.mark.host
 ROOT = pathlib.Path("/")
 GUARD = 60.0
+LINGER = 3.0
 POLICY = """
 apiVersion: agentlat.io/v1alpha1
 kind: AgentLatencyPolicy
@@ -78,7 +80,8 @@ def sample(node: daemon.NodeDaemon, name: str, **labels: str) -> float | None:
 @contextlib.contextmanager
 def observed_daemon(tmp_path: pathlib.Path) -> Iterator[tuple[daemon.NodeDaemon, list[subprocess.Popen[bytes]]]]:
     children = [agent()]
-    node = daemon.NodeDaemon(ROOT, tmp_path / "state", options=daemon.Options(verify_interval=1.0))
+    node = daemon.NodeDaemon(ROOT, tmp_path / "state", options=daemon.Options(verify_interval=1.0,
+                                                                                observation_linger=LINGER))
     node.set_policy(policy.load_text(POLICY)[0], 1)
     try:
         with realhost.running_daemon(node):
@@ -127,15 +130,22 @@ def test_agent_wakeups_are_published_per_wakeup_and_follow_the_processes(tmp_pat
         degraded = node.snapshot().condition("Degraded")
         assert "CoarseObservation" not in degraded.message, degraded
 
-        # The first agent goes, a second comes: only its wakeups can be counted from now on.
+        # The first agent goes, a second comes within the linger: the same bpftrace counts its wakeups.
+        tracing = bpftrace_children()
+        assert len(tracing) == 1
         children[0].send_signal(signal.SIGKILL)
         children[0].wait(GUARD)
         realhost.wait_for(lambda: latency(node) is not None and latency(node).mode == "idle",  # type: ignore[union-attr]
-                          "the collector stops with no agent process", GUARD)
-        assert not bpftrace_children(), "an idle daemon runs no bpftrace"
+                          "an idle report with no agent process", GUARD)
+        assert bpftrace_children() == tracing, "the collector lingers: no restart for the next agent"
         children.append(agent())
         realhost.wait_for(lambda: measured(node, 200), "the new agent's wakeups, from its process events", GUARD)
-        assert bpftrace_children()
+        assert bpftrace_children() == tracing
+        # No agent for a whole linger: no bpftrace left.
+        children[1].send_signal(signal.SIGKILL)
+        children[1].wait(GUARD)
+        realhost.wait_for(lambda: not bpftrace_children(), f"no bpftrace {LINGER} s after the last agent", GUARD)
+        assert latency(node).mode == "idle"  # type: ignore[union-attr]
 
 
 def test_without_bpftrace_the_daemon_is_coarse_and_degraded_and_says_why(tmp_path: pathlib.Path,

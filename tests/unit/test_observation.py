@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import hypothesis.strategies as st
 import pytest
@@ -63,11 +63,12 @@ def replaying(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         collector.stop()
 
 
-def watch_with(made: list[wakeups.Collector], registry: metrics.Metrics) -> observation.Watch:
+def watch_with(made: list[wakeups.Collector], registry: metrics.Metrics,
+               clock: Callable[[], float] = time.monotonic) -> observation.Watch:
     def factory(specs: list[wakeups.Workload], cpus: frozenset[int]) -> wakeups.Collector:
         made.append(wakeups.Collector(specs, cpus, top=wakeups.MAP_KEYS_MAX))
         return made[-1]
-    return observation.Watch(pathlib.Path("/"), registry, live=True, factory=factory)
+    return observation.Watch(pathlib.Path("/"), registry, live=True, factory=factory, clock=clock)
 
 
 def replayed(collector: wakeups.Collector) -> None:
@@ -155,9 +156,10 @@ def test_the_report_is_the_node_state_and_a_valid_profile_status(replaying: list
     assert result.over_budget
 
 
-def test_processes_come_and_go_and_the_collector_runs_only_while_one_is_there(
+def test_processes_come_and_go_and_the_collector_runs_only_while_one_is_there_and_a_linger_after(
         replaying: list[wakeups.Collector]) -> None:
-    watch = watch_with(replaying, metrics.Metrics())
+    now = [1000.0]
+    watch = watch_with(replaying, metrics.Metrics(), clock=lambda: now[0])
     chosen = policy.load_text(POLICY)[0]
     watch.planned(chosen, {}, frozenset({1}))
     idle = watch.take()
@@ -170,8 +172,16 @@ def test_processes_come_and_go_and_the_collector_runs_only_while_one_is_there(
     watch.processes({}, looked=[parent], exited=[])  # exec'd into something else: no longer an agent
     assert replaying[0].workloads[1].pids == {os.getpid()}
     watch.processes({}, looked=[], exited=[os.getpid()])
-    assert replaying[0]._stopping.is_set(), "nothing left to watch: the collector is stopped"
+    assert not replaying[0]._stopping.is_set() and replaying[0].workloads == {}, "lingers, tracking nothing"
     assert watch.take() is not None and watch.take().mode == "idle"  # type: ignore[union-attr]
+    watch.processes(found(parent), looked=[parent], exited=[])  # an agent is back within the linger
+    assert len(replaying) == 1 and replaying[0].workloads[1].pids == {parent}, "the same collector, no restart"
+    watch.processes({}, looked=[], exited=[parent])
+    now[0] += observation.LINGER_S - 1
+    assert watch.take().mode == "idle" and not replaying[0]._stopping.is_set()  # type: ignore[union-attr]
+    now[0] += 1
+    assert watch.take().mode == "idle"  # type: ignore[union-attr]
+    assert replaying[0]._stopping.is_set(), "nothing to watch for a whole linger: the collector is stopped"
     watch.planned(None, {}, frozenset())
     assert watch.take() is None, "no enforced policy: nothing reported"
 
