@@ -505,9 +505,7 @@ def filter_stderr(stream: IO[str], sink: Callable[[str], None]) -> None:
 
 
 def _send(kind: int, key: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(ctypes.c_int(AGENTLAT_PRCTL), ctypes.c_ulong(kind), ctypes.c_ulong(key), ctypes.c_ulong(value),
-               ctypes.c_ulong(0))
+    prctl.side_channel(AGENTLAT_PRCTL, kind, key, value)
 
 
 def threads_of(pids: Iterable[int], cgroups: Iterable[str], root: pathlib.Path = pathlib.Path("/")) -> set[int]:
@@ -545,6 +543,7 @@ class Collector:
         self.reason = ""
         self._lock = threading.Lock()
         self._sent: dict[tuple[int, int], int] = {}
+        self._threads_at_add: dict[int | str, frozenset[int]] = {}  # what the running program was told
         self._total = Interval()
         self._since = time.monotonic()
         self._coarse_start: coarse.Sample | None = None
@@ -605,6 +604,7 @@ class Collector:
 
     def _wanted(self) -> dict[tuple[int, int], int]:
         want: dict[tuple[int, int], int] = {(KIND_AGENT_CPU, cpu): 1 for cpu in self.agent_cpus}
+        seen: dict[int | str, frozenset[int]] = {}
         for number, spec in self.workloads.items():
             want[(KIND_BUDGET, number)] = max(int(spec.budget_us * 1000), 1)
             want.update({(KIND_PROCESS, pid): number for pid in spec.pids})
@@ -612,9 +612,21 @@ class Collector:
                 ident = cgroup_id(path)
                 if ident is not None:
                     want[(KIND_CGROUP, ident)] = number
-            threads = threads_of(spec.pids, spec.cgroups, self.root) | spec.tids
+            members: list[int | str] = [*spec.pids, *spec.cgroups]
+            threads = set(spec.tids).union(*(self._first_threads(member, seen) for member in members))
             want.update({(KIND_THREAD, tid): number for tid in threads})
+        self._threads_at_add = seen
         return want
+
+    def _first_threads(self, member: int | str, seen: dict[int | str, frozenset[int]]) -> frozenset[int]:
+        """The threads a process (pid) or cgroup (path) had when it was added, read once: the program makes
+        every later thread of a tracked process or cgroup a member itself, the first time it runs."""
+        threads = self._threads_at_add.get(member)
+        if threads is None:
+            pids, cgroups = ([member], []) if isinstance(member, int) else ([], [member])
+            threads = frozenset(threads_of(pids, cgroups, self.root))
+        seen[member] = threads
+        return threads
 
     def _sync(self) -> None:
         want = self._wanted()
@@ -683,7 +695,7 @@ class Collector:
 
     def _run_once(self) -> tuple[bool, int | None]:
         self._attached.clear()
-        self._sent = {}
+        self._sent, self._threads_at_add = {}, {}
         self._stderr = []
         proc = spawn(["-f", "json", "-e", program(os.getpid(), self.interval_s, self.lifetime_s)])
         self._proc = proc

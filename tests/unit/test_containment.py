@@ -120,3 +120,15 @@ def test_a_root_without_manifest_or_procfs_is_refused(tmp_path: pathlib.Path,
     result = run_cli("plan", POLICY, "--root", tree)
     assert result.code == 2
     assert "is not a procfs" in result.err and result.err.count("\n") == 1
+
+
+def test_the_live_task_file_fast_path_reads_the_same_and_follows_no_link() -> None:
+    own = os.getpid()
+    for rel in (f"proc/{own}/stat", f"proc/{own}/task/{own}/comm", f"proc/{own}/timerslack_ns"):
+        assert hostfs.read_text("/", rel) == pathlib.Path(f"/{rel}").read_text()
+    for magic in ("root", "cwd", "exe"):  # links into other trees: refused, as openat2 refuses magic links
+        try:
+            hostfs.read_text("/", f"proc/{own}/{magic}")
+        except OSError:
+            continue
+        raise AssertionError(f"proc/{own}/{magic} was followed")

@@ -54,11 +54,23 @@ _openat2_missing = False
 
 def open_in_root(root: pathlib.Path | str, rel: str, flags: int, mode: int = 0) -> int:
     """A file descriptor for ROOT/rel resolved inside ROOT (absolute links and ``..`` stay in ROOT)."""
+    if _own_task_file(root, rel):
+        return os.open(f"/{rel}", flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
     root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         return open_at(root_fd, rel, flags, mode)
     finally:
         os.close(root_fd)
+
+
+def _own_task_file(root: pathlib.Path | str, rel: str) -> bool:
+    """proc/PID/NAME or proc/PID/task/TID/NAME of the live root itself: nothing on that path is a link, and
+    nothing is outside "/", so a plain open is what openat2 would do. The hot path of process tuning."""
+    if str(root) != "/":
+        return False
+    parts = rel.split("/")
+    return (len(parts) in (3, 5) and parts[0] == "proc" and parts[1].isdigit() and parts[-1].isidentifier()
+            and (len(parts) == 3 or (parts[2] == "task" and parts[3].isdigit())))
 
 
 def open_at(root_fd: int, rel: str, flags: int, mode: int = 0) -> int:

@@ -1,4 +1,5 @@
-"""prctl(2) for the calling process: its comm, its parent-death signal, its timer slack."""
+"""prctl(2) for the calling process: its comm, its parent-death signal, its timer slack, and a side channel
+to a tracer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ def die_with_parent(sig: int) -> None:
 
 def set_timer_slack(ns: int) -> None:
     _prctl(_PR_SET_TIMERSLACK, ns)
+
+
+def side_channel(option: int, arg2: int, arg3: int, arg4: int) -> None:
+    """prctl with an option no kernel knows: refused (EINVAL, ignored here), but a program on the
+    sys_enter_prctl tracepoint sees the arguments. The channel to a bpftrace that cannot read pinned maps."""
+    _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), ctypes.c_ulong(arg4),
+                ctypes.c_ulong(0))
 
 
 def _prctl(option: int, arg: int | bytes) -> None:

@@ -194,6 +194,12 @@ class RealBackend:
             return str(slack) if slack is not None else None
         if attr == "affinity":
             return cpulist.format(self.affinity(pid, tid))
+        if attr == "policy":
+            with _gone_as_esrch():
+                raw = self.get_attr(tid)
+            if raw is not None:  # the policy alone: one syscall, not every attribute
+                return format_policy(POLICIES.get(raw.sched_policy, str(raw.sched_policy)), int(raw.sched_priority),
+                                     bool(raw.sched_flags & SCHED_FLAG_RESET_ON_FORK))
         return attr_value(self.attrs(pid, tid), attr)
 
     def affinity(self, pid: int, tid: int) -> cpulist.CpuSet:
