@@ -43,6 +43,8 @@ def claim(log: journal.Journal, root: pathlib.Path) -> None:
         return
     with contextlib.suppress(OSError):  # no writable /run (an unprivileged fixture run): the meta still names it
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not hostfs.is_live(root):
+            _prune_fixture_markers()
         tmp = path.with_name(path.name + f".{os.getpid()}")
         tmp.write_text(json.dumps({"state": mine, "root": str(root.resolve()), "pid": os.getpid(),
                                    "mountNamespace": _mount_ns()}) + "\n")
@@ -57,6 +59,23 @@ def release(log: journal.Journal, root: pathlib.Path) -> None:
     if _holder(path, root)[0] == str(log.state_dir.resolve()):
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _prune_fixture_markers(limit: int = 4096) -> None:
+    """Drop markers of fixture trees that no longer exist (a deleted temporary tree is never reverted), so
+    the directory does not grow with every tree ever applied; looks at ``limit`` markers at most."""
+    with os.scandir(FIXTURE_OWNERS) as entries:
+        for index, entry in enumerate(entries):
+            if index >= limit:
+                return
+            try:
+                data = json.loads(hostfs.read_live(entry.path, limit=4096))
+            except (OSError, ValueError):
+                continue
+            tree = data.get("root") if isinstance(data, dict) else None
+            if isinstance(tree, str) and not os.path.lexists(tree):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
 
 
 def _holder(path: pathlib.Path, root: pathlib.Path) -> tuple[str | None, int | None]:

@@ -178,3 +178,22 @@ def test_too_little_space_refuses_the_pass_before_any_write(applied: tuple[pathl
     monkeypatch.setattr(journal, "SPACE_PER_ACTION", 1 << 50)
     _one_line(run_cli("apply", POLICY, "--root", root, "--state", state), 2, "nothing was written")
     assert hosts.tree_bytes(root) == before
+
+
+def test_markers_of_deleted_fixture_trees_are_pruned_at_the_next_claim(
+        fixture_host: Callable[[str], pathlib.Path], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agentlat.operator.core import owner
+
+    monkeypatch.setattr(owner, "FIXTURE_OWNERS", tmp_path / "owners")
+    boot = pathlib.Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    kept, deleted = fixture_host("vm-2cpu"), fixture_host("gen-cgroup-v2-systemd")
+    for tree, state in ((kept, "kept"), (deleted, "deleted")):
+        with journal.Journal.open(tmp_path / state, boot) as log:
+            owner.claim(log, tree)
+    deleted_marker = owner.marker(deleted)
+    shutil.rmtree(deleted, ignore_errors=True)
+    assert deleted_marker.exists() and not deleted.exists()
+    with journal.Journal.open(tmp_path / "third", boot) as log:
+        owner.claim(log, kept)
+    assert not deleted_marker.exists(), "the marker of a tree that is gone outlived the next claim"
+    assert owner.marker(kept).exists()
