@@ -124,8 +124,9 @@ def test_a_root_without_manifest_or_procfs_is_refused(tmp_path: pathlib.Path,
 
 def test_the_live_task_file_fast_path_reads_the_same_and_follows_no_link() -> None:
     own = os.getpid()
-    for rel in (f"proc/{own}/stat", f"proc/{own}/task/{own}/comm", f"proc/{own}/timerslack_ns"):
+    for rel in (f"proc/{own}/comm", f"proc/{own}/task/{own}/comm", f"proc/{own}/timerslack_ns"):
         assert hostfs.read_text("/", rel) == pathlib.Path(f"/{rel}").read_text()
+    assert hostfs.read_text("/", f"proc/{own}/task/{own}/stat").startswith(f"{own} (")
     for magic in ("root", "cwd", "exe"):  # links into other trees: refused, as openat2 refuses magic links
         try:
             hostfs.read_text("/", f"proc/{own}/{magic}")
