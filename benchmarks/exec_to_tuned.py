@@ -171,8 +171,9 @@ def main() -> None:
                                           sorted(by_thread.items(), key=lambda item: -item[1]) if spent >= 0.01))
         for key in sorted(delta):
             print(f"  {key}: {delta[key]:.0f}")
-        print(f"agents tuned {delta.get('procEventsTuned', 0):.0f} of {agents} started "
-              f"(exec-to-tuned p99 now {after.get('execToTunedP99Millis')} ms)")
+        print(f"agents tuned {delta.get('procEventsTuned', 0):.0f} of {agents} started; "
+              f"{delta.get('procEventsGoneBeforeLook', 0):.0f} execs (agents or not) exited before the worker "
+              f"looked at them (exec-to-tuned p99 now {after.get('execToTunedP99Millis')} ms)")
     finally:
         ctx.stop()
         thread.join()

@@ -314,7 +314,9 @@ class Listener:
                     self._exits.append((event.pid, None if whole else event.tid))
                     self._forks.pop(event.tid, None)
                     if whole:
-                        self._looks.pop(event.pid, None)
+                        dropped = self._looks.pop(event.pid, None)
+                        if dropped is not None and dropped.urgent:  # exec'd or renamed and gone before its look
+                            self.counts["goneBeforeLook"] += 1
                     continue
                 urgent = event.kind != "fork"
                 if urgent and self._urgent_since is None:

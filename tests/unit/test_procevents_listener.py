@@ -102,3 +102,4 @@ def test_exits_forget_rows_and_a_child_gone_before_its_batch_costs_nothing(
     batches = listener.counts["batches"]
     listener.settle()
     assert listener.counts["batches"] == batches and rows(log, 402) == {}
+    assert listener.counts["goneBeforeLook"] == 1, "the exec no look reached is counted"
