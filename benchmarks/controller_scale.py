@@ -1,6 +1,6 @@
 """The controller at cluster scale, in the API harness (tests/fakeapi): N nodes, P policies (default 1,000 and
 50), the controller as its ServiceAccount with the chart's RBAC. Prints, for each step, the wall time to
-converge and the controller's API requests by verb and resource:
+converge and the controller's API requests by verb and resource (and status code, where it is not a success):
 
 1. initial convergence (every selected node has its profile);
 2. every node's "agent" reports Applied (one status patch per node, played by the test as the admin):
@@ -72,7 +72,8 @@ class Meter:
         counts: collections.Counter[str] = collections.Counter()
         for r in self.server.requests[self.mark:]:
             if r.user.endswith(f":{ACCOUNT}") and r.verb != "watch":
-                counts[f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}"] += 1
+                failed = f" {r.code}" if r.code >= 300 else ""
+                counts[f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}{failed}"] += 1
         return counts
 
 
