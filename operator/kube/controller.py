@@ -156,11 +156,8 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
     held = _held_by(frozen, existing) if frozen else {}
     for name, nodes_held in held.items():
         matched[name] = nodes_held
-    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
-    conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
-    for node_name, chosen in selected.items():
-        for conflict in profiles.conflicts(chosen):
-            conflicts.setdefault(conflict.loser, []).append((conflict, node_name))
+    wanted, conflicts = _merged(selected)
+    ops = _profile_ops(wanted, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
     statuses: dict[str, Mapping[str, Json]] = {}
     warnings: list[PolicyWarning] = []
     for parsed in policies:
@@ -170,6 +167,23 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
             statuses[parsed.name] = new
         warnings += _transitions(parsed.body, old, new)
     return Decision(tuple(ops), statuses, tuple(warnings), _node_states(existing))
+
+
+def _merged(selected: Mapping[str, Sequence[policy.Policy]]) -> tuple[
+        dict[str, dict[str, Json]], dict[str, list[tuple[profiles.Conflict, str]]]]:
+    """Node -> its profile spec; losing policy -> its conflicts and where. Nodes selected by the same
+    policies (a pool) share one merge."""
+    merged: dict[tuple[int, ...], tuple[dict[str, Json], list[profiles.Conflict]]] = {}
+    wanted: dict[str, dict[str, Json]] = {}
+    conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
+    for node_name, chosen in selected.items():
+        key = tuple(map(id, chosen))
+        if key not in merged:
+            merged[key] = profiles.profile_spec(chosen), profiles.conflicts(chosen)
+        wanted[node_name], found = merged[key]
+        for conflict in found:
+            conflicts.setdefault(conflict.loser, []).append((conflict, node_name))
+    return wanted, conflicts
 
 
 def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> dict[str, list[str]]:
@@ -182,14 +196,14 @@ def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> di
     return held
 
 
-def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
+def _profile_ops(wanted: Mapping[str, Mapping[str, Json]], nodes: Mapping[str, Node],
                  existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset(),
                  abandoned: Set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
         node = nodes.get(name)
-        chosen = selected.get(name)
+        spec = wanted.get(name)
         if node is not None and name in frozen:
             continue
         if profile is not None and profiles.deleting(profile):
@@ -199,11 +213,10 @@ def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping
                     node is None or profiles.is_true(profile, "Reverted")):
                 ops.append(ProfileOp("release", name, profile=profile))
             continue  # a new profile, if wanted, once this one is gone
-        if node is None or not chosen:
+        if node is None or spec is None:
             if profile is not None:
                 ops.append(ProfileOp("delete", name, profile=profile))
             continue
-        spec = profiles.profile_spec(chosen)
         if profile is None:
             ops.append(ProfileOp("create", name, spec, node.uid))
         elif profile.get("spec") != spec or profiles.REVERT_FINALIZER not in (
