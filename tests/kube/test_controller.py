@@ -431,3 +431,28 @@ def test_convergence_writes_each_profile_once_and_status_writes_cost_no_profile_
     assert {k: v for k, v in rollup.items() if PROFILES in k} == {}, rollup
     assert set(rollup) <= {f"patch {POLICIES}/status 200"}, rollup
     assert metric(ctl, "agentlat_controller_reconcile_errors_total") == 0
+
+
+def test_a_profile_deleted_under_the_controller_is_made_again_after_reading_its_node(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # The first profile of a Node takes the Node's uid from Kopf's index; a second one for the same uid (the
+    # first is gone: deleted by hand, or collected because that uid was dead) is made only after a GET of the
+    # Node, so a Node deleted while the watch was down never gets a profile made and collected over and over.
+    server = kube_apiserver
+    server.put_object(node("n1"))
+    ctl = agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    first = server.wait_for(lambda: profile(server, "n1"), 15)
+    server.wait_for(lambda: settled(server, ctl), 15, "the controller did not settle")
+    mark = len(server.requests)
+    admin.patch_cluster_custom_object(G, V, PROFILES, "n1", {"metadata": {"finalizers": []}})
+    admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
+    again = server.wait_for(lambda: (profile(server, "n1") or {}).get("metadata", {}).get("uid") not in (
+        None, first["metadata"]["uid"]) and profile(server, "n1"), 15, "the profile was not made again")
+    assert again["metadata"]["ownerReferences"][0]["uid"] == server.get_object("nodes", "n1")["metadata"]["uid"]  # type: ignore[index]
+    server.wait_for(lambda: settled(server, ctl), 15, "the controller did not settle")
+    made = controller_requests(server, mark)
+    assert (made["get nodes 200"], made[f"create {PROFILES} 201"]) == (1, 1), made
