@@ -7,7 +7,7 @@ a node (only when its labels or identity change) or a profile marks the cluster 
 - policies are listed from the API server on every pass (there are few, and a policy deleted while a watch
   was down must never stay applied); nodes and profiles come from Kopf indexes (there are many), which
   Kopf fills completely before it calls any handler, so a fresh controller never mistakes "not listed yet"
-  for "gone";
+  for "gone"; the profiles it wrote itself stand in until the index shows them (:mod:`written`);
 - for each node: the valid policies whose nodeSelector selects it, merged by priority
   (:func:`profiles.profile_spec`) -> the profile is created (owned by the Node, holding the revert
   finalizer), its spec replaced, or, when nothing selects the node any more, deleted; the node's agent
@@ -37,7 +37,7 @@ import kubernetes.client
 import prometheus_client
 
 from agentlat.operator.kube import client as _kube
-from agentlat.operator.kube import heartbeat, profiles
+from agentlat.operator.kube import heartbeat, profiles, written
 from agentlat.operator.model import errors, policy
 
 logger = logging.getLogger(__name__)
@@ -156,11 +156,8 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
     held = _held_by(frozen, existing) if frozen else {}
     for name, nodes_held in held.items():
         matched[name] = nodes_held
-    ops = _profile_ops(selected, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
-    conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
-    for node_name, chosen in selected.items():
-        for conflict in profiles.conflicts(chosen):
-            conflicts.setdefault(conflict.loser, []).append((conflict, node_name))
+    wanted, conflicts = _merged(selected)
+    ops = _profile_ops(wanted, nodes, existing, {n for nodes_held in held.values() for n in nodes_held}, abandoned)
     statuses: dict[str, Mapping[str, Json]] = {}
     warnings: list[PolicyWarning] = []
     for parsed in policies:
@@ -170,6 +167,23 @@ def decide(policies: Sequence[ParsedPolicy], nodes: Mapping[str, Node], existing
             statuses[parsed.name] = new
         warnings += _transitions(parsed.body, old, new)
     return Decision(tuple(ops), statuses, tuple(warnings), _node_states(existing))
+
+
+def _merged(selected: Mapping[str, Sequence[policy.Policy]]) -> tuple[
+        dict[str, dict[str, Json]], dict[str, list[tuple[profiles.Conflict, str]]]]:
+    """Node -> its profile spec; losing policy -> its conflicts and where. Nodes selected by the same
+    policies (a pool) share one merge."""
+    merged: dict[tuple[int, ...], tuple[dict[str, Json], list[profiles.Conflict]]] = {}
+    wanted: dict[str, dict[str, Json]] = {}
+    conflicts: dict[str, list[tuple[profiles.Conflict, str]]] = {}
+    for node_name, chosen in selected.items():
+        key = tuple(map(id, chosen))
+        if key not in merged:
+            merged[key] = profiles.profile_spec(chosen), profiles.conflicts(chosen)
+        wanted[node_name], found = merged[key]
+        for conflict in found:
+            conflicts.setdefault(conflict.loser, []).append((conflict, node_name))
+    return wanted, conflicts
 
 
 def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> dict[str, list[str]]:
@@ -182,14 +196,14 @@ def _held_by(frozen: set[str], existing: Mapping[str, Mapping[str, Json]]) -> di
     return held
 
 
-def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping[str, Node],
+def _profile_ops(wanted: Mapping[str, Mapping[str, Json]], nodes: Mapping[str, Node],
                  existing: Mapping[str, Mapping[str, Json]], frozen: Set[str] = frozenset(),
                  abandoned: Set[str] = frozenset()) -> list[ProfileOp]:
     ops: list[ProfileOp] = []
     for name in sorted(set(nodes) | set(existing)):
         profile = existing.get(name)
         node = nodes.get(name)
-        chosen = selected.get(name)
+        spec = wanted.get(name)
         if node is not None and name in frozen:
             continue
         if profile is not None and profiles.deleting(profile):
@@ -199,11 +213,10 @@ def _profile_ops(selected: Mapping[str, Sequence[policy.Policy]], nodes: Mapping
                     node is None or profiles.is_true(profile, "Reverted")):
                 ops.append(ProfileOp("release", name, profile=profile))
             continue  # a new profile, if wanted, once this one is gone
-        if node is None or not chosen:
+        if node is None or spec is None:
             if profile is not None:
                 ops.append(ProfileOp("delete", name, profile=profile))
             continue
-        spec = profiles.profile_spec(chosen)
         if profile is None:
             ops.append(ProfileOp("create", name, spec, node.uid))
         elif profile.get("spec") != spec or profiles.REVERT_FINALIZER not in (
@@ -384,6 +397,8 @@ class Controller:
         # changed (a create, delete or spec edit), never for a status write, ours or a profile's.
         self._policies: dict[str, dict[str, Json]] = {}
         self._relist = True
+        self._written = written.OwnWrites()
+        self._created: dict[str, str] = {}  # node name -> the Node uid this controller created its profile for
 
     def registry(self) -> kopf.OperatorRegistry:
         registry = kopf.OperatorRegistry()
@@ -417,7 +432,8 @@ class Controller:
             await self._trigger(kwargs)
 
         @kopf.on.event(group, version, profiles.PLURAL, id="profile_event", registry=registry)
-        async def profile_event(**kwargs: Any) -> None:
+        async def profile_event(name: str, body: kopf.Body, **kwargs: Any) -> None:
+            self._written.seen(name, written.version(body))
             await self._trigger(kwargs)
 
         return registry
@@ -462,7 +478,8 @@ class Controller:
         self._parsed = {key: value for key, value in self._parsed.items() if key in live}
         self._last_valid = {uid: chosen for uid, chosen in self._last_valid.items() if uid in {u for u, _ in live}}
         nodes = _latest(self._nodes)
-        existing = _latest(self._profiles)
+        self._created = {name: uid for name, uid in self._created.items() if name in nodes}
+        existing = self._written.overlay(_latest(self._profiles))
         self._seen_nodes = {name: (node.uid, dict(node.labels)) for name, node in nodes.items()}
         self._seen_policies = {p.name: (str(p.body["metadata"].get("uid")), p.generation) for p in parsed}
         abandoned = await self._abandoned(nodes, existing)
@@ -549,28 +566,38 @@ class Controller:
     async def _write(self, decision: Decision) -> int:
         gate = asyncio.Semaphore(WRITE_CONCURRENCY)
 
-        async def run(kind: str, call: Callable[[], None]) -> bool:
+        async def run(kind: str, call: Callable[[], Mapping[str, Json] | None], profile: str = "") -> bool:
             async with gate:
+                before = self._indexed_version(profile)
                 try:
-                    await asyncio.to_thread(call)
+                    result = await asyncio.to_thread(call)
                     self.metrics.writes.labels(kind).inc()
+                    if profile and result is not None:
+                        self._written.record(profile, before, self._indexed_version(profile), result)
                     return True
                 except kubernetes.client.ApiException as exc:
                     self.metrics.reconcile_errors.inc()
                     logger.warning("%s failed: %s %s", kind, exc.status, exc.reason)
                     return False
 
-        calls = [run(f"profile-{op.kind}", _bind(self._apply_op, op)) for op in decision.ops]
+        calls = [run(f"profile-{op.kind}", _bind(self._apply_op, op), op.node) for op in decision.ops]
         calls += [run("policy-status", _bind(self._write_status, name, status))
                   for name, status in decision.statuses.items()]
         results = await asyncio.gather(*calls)
         return sum(not ok for ok in results)
 
-    def _apply_op(self, op: ProfileOp) -> None:
+    def _indexed_version(self, name: str) -> str | None:
+        if self._profiles is None or name not in self._profiles:
+            return None
+        stored = list(self._profiles[name])
+        return written.version(stored[-1]) if stored else None
+
+    def _apply_op(self, op: ProfileOp) -> Mapping[str, Json] | None:
+        """The profile as the write left it, where the API server returned it."""
         group, version, plural = profiles.GROUP, profiles.VERSION, profiles.PLURAL
         if op.kind == "create":
-            self._create_profile(op)
-        elif op.kind == "replace":
+            return self._create_profile(op)
+        if op.kind == "replace":
             assert op.profile is not None
             finalizers = list(op.profile["metadata"].get("finalizers") or ())
             patch: list[dict[str, Json]] = [{"op": "replace", "path": "/spec", "value": op.spec}]
@@ -578,32 +605,38 @@ class Controller:
                 patch.append({"op": "add", "path": "/metadata/finalizers",
                               "value": [*finalizers, profiles.REVERT_FINALIZER]})
             try:
-                self._custom.patch_cluster_custom_object(group, version, plural, op.node, patch,
-                                                         _content_type="application/json-patch+json")
+                return _object(self._custom.patch_cluster_custom_object(
+                    group, version, plural, op.node, patch, _content_type="application/json-patch+json"))
             except kubernetes.client.ApiException as exc:
                 if exc.status != 404:
                     raise
-                self._create_profile(op)  # gone while our watch was down
-        elif op.kind == "delete":
-            _ignore(404, lambda: self._custom.delete_cluster_custom_object(group, version, plural, op.node))
-        elif op.kind == "release":
+                return self._create_profile(op)  # gone while our watch was down
+        if op.kind == "delete":
+            deleted = _object(_ignore(404, lambda: self._custom.delete_cluster_custom_object(
+                group, version, plural, op.node)))
+            return deleted if deleted is not None and profiles.deleting(deleted) else None
+        if op.kind == "release":
             assert op.profile is not None
             meta = op.profile["metadata"]
             remaining = [f for f in meta.get("finalizers") or () if f != profiles.REVERT_FINALIZER]
             body = {"metadata": {"finalizers": remaining, "resourceVersion": meta.get("resourceVersion")}}
-            _ignore(404, lambda: self._custom.patch_cluster_custom_object(group, version, plural, op.node, body))
-        else:
-            raise ValueError(op.kind)
+            return _object(_ignore(404, lambda: self._custom.patch_cluster_custom_object(
+                group, version, plural, op.node, body)))
+        raise ValueError(op.kind)
 
-    def _create_profile(self, op: ProfileOp) -> None:
+    def _create_profile(self, op: ProfileOp) -> Mapping[str, Json] | None:
         # The Node index may hold a node deleted while the watch was down: an ownerReference to a dead uid
-        # would have the garbage collector delete the profile as soon as it is made, over and over.
-        try:
-            node = self._core.read_node(op.node)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return
-            raise
+        # has the garbage collector delete the profile as soon as it is made. So the second profile made for
+        # the same Node uid (the first is gone) is made only once the Node is read back, with its live uid.
+        uid = op.uid
+        if self._created.get(op.node) == uid:
+            try:
+                node = self._core.read_node(op.node)
+            except kubernetes.client.ApiException as exc:
+                if exc.status == 404:
+                    return None
+                raise
+            uid = str(node.metadata.uid or "") if node.metadata else ""
         body = {
             "apiVersion": profiles.API_VERSION,
             "kind": profiles.KIND,
@@ -611,13 +644,15 @@ class Controller:
                 "name": op.node,
                 "labels": dict(profiles.MANAGED_BY),
                 "finalizers": [profiles.REVERT_FINALIZER],
-                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": op.node,
-                                     "uid": node.metadata.uid if node.metadata else ""}],
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": op.node, "uid": uid}],
             },
             "spec": op.spec,
         }
-        _ignore(409, lambda: self._custom.create_cluster_custom_object(
-            profiles.GROUP, profiles.VERSION, profiles.PLURAL, body))
+        made = _object(_ignore(409, lambda: self._custom.create_cluster_custom_object(
+            profiles.GROUP, profiles.VERSION, profiles.PLURAL, body)))
+        if made is not None:
+            self._created[op.node] = uid
+        return made
 
     def _write_status(self, name: str, status: Mapping[str, Json]) -> None:
         try:
@@ -645,13 +680,21 @@ def _latest(index: Mapping[str, Iterable[Any]] | None) -> dict[str, Any]:
     return found
 
 
-def _bind(function: Callable[..., None], *args: Any) -> Callable[[], None]:
+def _bind(function: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     return lambda: function(*args)
 
 
-def _ignore(status: int, call: Callable[[], object]) -> None:
+def _ignore(status: int, call: Callable[[], object]) -> object:
     try:
-        call()
+        return call()
     except kubernetes.client.ApiException as exc:
         if exc.status != status:
             raise
+        return None
+
+
+def _object(returned: object) -> Mapping[str, Json] | None:
+    """A returned profile (not a Status, not nothing)."""
+    if isinstance(returned, dict) and returned.get("kind") == profiles.KIND:
+        return _plain(returned)
+    return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -149,11 +150,20 @@ class Source:
 
 
 def profile_spec(selected: Sequence[policy.Policy]) -> dict[str, Json]:
-    """A node's profile spec from the valid policies selecting it (at least one)."""
+    """A node's profile spec from the valid policies selecting it (at least one), with the CRD's defaults
+    filled in as the API server stores it: compared with a stored profile, it differs only by a real change."""
     merged = policy.merge(selected)
     ordered = sorted(selected, key=lambda chosen: (-chosen.priority, chosen.name))
-    return {"policy": to_spec(merged),
+    spec = {"policy": to_spec(merged),
             "sources": [Source(p.name, p.generation, p.priority).document() for p in ordered]}
+    defaulted: dict[str, Json] = schema.apply_defaults(_spec_schema(), spec)
+    return defaulted
+
+
+@functools.cache
+def _spec_schema() -> dict[str, Json]:
+    spec: dict[str, Json] = schema.openapi_schema(CRD_FILE, VERSION)["properties"]["spec"]
+    return spec
 
 
 def effective(profile: Mapping[str, Json]) -> policy.Policy:

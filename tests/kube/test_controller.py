@@ -6,6 +6,7 @@ The node agents are played by the test here (status writes as ``agentlat-agent``
 
 from __future__ import annotations
 
+import collections
 import datetime
 import io
 from collections.abc import Callable
@@ -377,3 +378,81 @@ def test_schema_violations_are_rejected_by_the_api_server(admin: kubernetes.clie
             "apiVersion": f"{G}/{V}", "kind": profiles.KIND, "metadata": {"name": "n1"},
             "spec": {"policy": {"mode": "Sometimes"}, "sources": []}})
     assert caught.value.status == 422 and "spec.policy.mode" in str(caught.value.body)
+
+
+def controller_requests(server: apiserver.ApiServer, since: int) -> collections.Counter[str]:
+    """The controller's requests after the ``since``-th, by verb, resource and status code (no watches)."""
+    return collections.Counter(
+        f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''} {r.code}"
+        for r in server.requests[since:] if r.user.endswith(":agentlat-controller") and r.verb != "watch")
+
+
+def settled(server: apiserver.ApiServer, ctl: controller.Controller) -> bool:
+    """No pass running, and Kopf's profile index shows every profile as the server has it."""
+    stored = {o["metadata"]["name"]: o["metadata"]["resourceVersion"] for o in server.objects(PROFILES, G)}
+    indexed = controller._latest(ctl._profiles)
+    return not ctl._running and {n: p["metadata"]["resourceVersion"] for n, p in indexed.items()} == stored
+
+
+def test_convergence_writes_each_profile_once_and_status_writes_cost_no_profile_writes(
+    kube_apiserver: apiserver.ApiServer,
+    agent: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # Fails on the old controller: a GET of the Node before every create; passes that ran before Kopf's index
+    # showed the new profiles created them again (409s); and every pass re-patched every profile, whose
+    # stored spec (CRD defaults filled in) never equalled the computed one, so each status write cost N patches.
+    server = kube_apiserver
+    count = 120
+    for i in range(count):
+        server.put_object(node(f"n{i:03d}", pool=f"p{i % 2}"))
+    for pool in ("p0", "p1"):
+        server.put_object(policy_body(pool, priority=200, agentCpus="1", nodeSelector={"matchLabels": {"pool": pool}}))
+    server.put_object(policy_body("everywhere", priority=100, agentCpus="0"))
+    mark = len(server.requests)
+    ctl = agentlat_controller()
+    server.wait_for(lambda: len(server.objects(PROFILES, G)) == count
+                    and all(status_of(server, p).get("matchedNodes") for p in ("p0", "p1", "everywhere")), 60)
+    server.wait_for(lambda: settled(server, ctl), 30, "the controller did not settle")
+    initial = controller_requests(server, mark)
+    assert [k for k in initial if not k.endswith((" 200", " 201"))] == [], initial  # no 409, no retries
+    assert initial[f"create {PROFILES} 201"] == count
+    profile_requests = {k: v for k, v in initial.items() if PROFILES in k and not k.startswith(("list", "create"))}
+    assert profile_requests == {} and initial["get nodes 200"] == 0, initial
+    assert sum(initial.values()) <= count + 20, initial
+
+    mark = len(server.requests)
+    for i in range(count):
+        report(agent, server, f"n{i:03d}", Applied=True, Degraded=False, Drifted=False)
+    server.wait_for(lambda: all(status_of(server, p).get("appliedNodes") == status_of(server, p).get("matchedNodes")
+                                for p in ("p0", "p1", "everywhere")), 60, "not rolled up")
+    server.wait_for(lambda: settled(server, ctl), 30, "the controller did not settle")
+    rollup = controller_requests(server, mark)
+    assert {k: v for k, v in rollup.items() if PROFILES in k} == {}, rollup
+    assert set(rollup) <= {f"patch {POLICIES}/status 200"}, rollup
+    assert metric(ctl, "agentlat_controller_reconcile_errors_total") == 0
+
+
+def test_a_profile_deleted_under_the_controller_is_made_again_after_reading_its_node(
+    kube_apiserver: apiserver.ApiServer,
+    admin: kubernetes.client.CustomObjectsApi,
+    agentlat_controller: Callable[..., controller.Controller],
+) -> None:
+    # The first profile of a Node takes the Node's uid from Kopf's index; a second one for the same uid (the
+    # first is gone: deleted by hand, or collected because that uid was dead) is made only after a GET of the
+    # Node, so a Node deleted while the watch was down never gets a profile made and collected over and over.
+    server = kube_apiserver
+    server.put_object(node("n1"))
+    ctl = agentlat_controller()
+    admin.create_cluster_custom_object(G, V, POLICIES, policy_body("p"))
+    first = server.wait_for(lambda: profile(server, "n1"), 15)
+    server.wait_for(lambda: settled(server, ctl), 15, "the controller did not settle")
+    mark = len(server.requests)
+    admin.patch_cluster_custom_object(G, V, PROFILES, "n1", {"metadata": {"finalizers": []}})
+    admin.delete_cluster_custom_object(G, V, PROFILES, "n1")
+    again = server.wait_for(lambda: (profile(server, "n1") or {}).get("metadata", {}).get("uid") not in (
+        None, first["metadata"]["uid"]) and profile(server, "n1"), 15, "the profile was not made again")
+    assert again["metadata"]["ownerReferences"][0]["uid"] == server.get_object("nodes", "n1")["metadata"]["uid"]  # type: ignore[index]
+    server.wait_for(lambda: settled(server, ctl), 15, "the controller did not settle")
+    made = controller_requests(server, mark)
+    assert (made["get nodes 200"], made[f"create {PROFILES} 201"]) == (1, 1), made

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agentlat.operator.kube import controller, profiles
+from agentlat.operator.kube import controller, profiles, written
 from agentlat.operator.model import errors, policy, schema
 
 pytestmark = pytest.mark.kube
@@ -407,3 +407,27 @@ def test_policy_status_counts_the_nodes_over_their_latency_budget() -> None:
     profiles_now["d"]["status"]["latency"] = {"mode": "ebpf", "verdict": "OverBudget", "workloads": []}
     status = _status(controller.decide([p], cluster, profiles_now, NOW), "p")
     assert status["overBudgetNodes"] == 1
+
+
+def _at(version: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "n1", "resourceVersion": version}, "spec": spec}
+
+
+def test_own_writes_stand_in_for_the_index_until_it_shows_anything_newer() -> None:
+    own = written.OwnWrites()
+    own.record("n1", None, None, _at("5", v=1))  # created while the index had no n1
+    assert own.overlay({}) == {"n1": _at("5", v=1)}
+    assert own.overlay({"n1": _at("5", v=1)}) == {"n1": _at("5", v=1)} and len(own) == 0  # the index caught up
+    own.record("n1", "5", "5", _at("7", v=2))  # patched while the index showed 5
+    assert own.overlay({"n1": _at("5", v=1)}) == {"n1": _at("7", v=2)}
+    assert own.overlay({"n1": _at("9", v=3)}) == {"n1": _at("9", v=3)}  # a later change: the index wins
+    own.record("n1", "9", "10", _at("10", v=4))  # the index moved on during the write: nothing to bridge
+    assert len(own) == 0
+    # Created, then deleted before Kopf took the creation (its batch keeps only the last event): the index never
+    # shows the profile, but the DELETED event drops the write.
+    own.record("n2", None, None, _at("11"))
+    own.seen("n2", "13")  # the DELETED event carries the deletion's resourceVersion
+    assert own.overlay({}) == {}
+    own.record("n2", None, None, _at("12"))
+    own.seen("n2", "12")  # the index took the creation itself
+    assert len(own) == 0
