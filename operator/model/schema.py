@@ -18,7 +18,7 @@ import celpy
 import jsonschema
 import yaml
 
-from agentlat.operator.model import errors
+from agentlat.operator.model import cel, errors
 
 Json = Any
 
@@ -37,8 +37,9 @@ def crd_path(filename: str) -> pathlib.Path:
 
 @functools.cache
 def crd(filename: str) -> dict[str, Json]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 5x faster on our own, trusted CRD files
     with crd_path(filename).open() as stream:
-        document: dict[str, Json] = yaml.safe_load(stream)
+        document: dict[str, Json] = yaml.load(stream, Loader=loader)
     return document
 
 
@@ -87,7 +88,7 @@ class Validator:
 
     def _evaluate(self, expression: str, value: Json) -> Any:
         if self._cel is None:
-            self._cel = celpy.Environment()
+            self._cel = cel.environment()
         program = _compiled(self._cel, expression)
         return program.evaluate({"self": celpy.json_to_cel(value)})  # type: ignore[attr-defined]
 

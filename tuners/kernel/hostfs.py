@@ -323,6 +323,7 @@ class HostFS:
         parts = [part for part in rel.strip("/").split("/") if part]
         done: list[str] = []
         hops = 0
+        root = str(self.root).rstrip("/")  # strings, not pathlib: a 128-CPU host read resolves ~12k components
         while parts:
             part = parts.pop(0)
             if part == "..":
@@ -330,8 +331,8 @@ class HostFS:
                     done.pop()
                 continue
             candidate = "/".join([*done, part])
-            full = self.root / candidate
-            if hops < 40 and full.is_symlink():
+            full = f"{root}/{candidate}"
+            if hops < 40 and os.path.islink(full):
                 hops += 1
                 target = os.readlink(full)
                 if self.recording:
