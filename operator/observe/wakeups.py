@@ -179,19 +179,21 @@ tracepoint:sched:sched_switch {{
     $now = nsecs;
     {_charge("@off_task[$pd.2, args->prev_pid, args->prev_comm]", "@on_ts[$c]")}
   }}
-  $wk = @wake[args->next_pid];
-  if ($wk.0) {{
-    if (!$now) {{ $now = nsecs; }}
-    if ($now > $wk.0) {{
-      $d = $now - $wk.0; $w = $wk.3;
-      {_bucket_code("$d", "$b")}
-      @lat[$w, $b] = count(); @lat_max[$w] = max($d);
-      if ($now > $wk.1) {{ @slow[$w] = count(); }}
+  if (args->next_pid) {{  // the idle task is never tracked: no lookup
+    $wk = @wake[args->next_pid];
+    if ($wk.0) {{
+      if (!$now) {{ $now = nsecs; }}
+      if ($now > $wk.0) {{
+        $d = $now - $wk.0; $w = $wk.3;
+        {_bucket_code("$d", "$b")}
+        @lat[$w, $b] = count(); @lat_max[$w] = max($d);
+        if ($now > $wk.1) {{ @slow[$w] = count(); }}
+      }}
+      delete(@wake[args->next_pid]);
+      $q = $wk.2; $pq = $pd;
+      if ($q != $c) {{ $pq = @pend[$q]; }} else if ($left) {{ $left = $left - 1; }}
+      {_release("$q")}
     }}
-    delete(@wake[args->next_pid]);
-    $q = $wk.2; $pq = $pd;
-    if ($q != $c) {{ $pq = @pend[$q]; }} else if ($left) {{ $left = $left - 1; }}
-    {_release("$q")}
   }}
   if ($left) {{ @on_ts[$c] = $now; }}
 }}
