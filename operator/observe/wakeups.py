@@ -6,9 +6,18 @@ Which threads are tracked changes while the program runs, although bpftrace 0.17
 pinned map nor take input. The collector talks to its program through a syscall the program watches:
 ``prctl(AGENTLAT_PRCTL, kind, key, value)`` from the collector's own process (an unknown prctl option
 fails with EINVAL and changes nothing), which the program turns into map updates: process → workload,
-cgroup v2 id → workload, thread → workload, agent CPU, budget. Threads join their workload when they
-first switch out (their own tgid and cgroup are known then), so new threads of a tracked process or
-cgroup are measured without a restart.
+cgroup v2 id → workload, thread → workload, budget. A thread joins its workload when it is made (a thread
+of a tracked process, or any task made in a tracked cgroup: task_newtask, run by the parent) or moved into
+a tracked cgroup (cgroup_attach_task); the collector sends processes and cgroups before it reads their
+threads, so none falls in between, and new threads are measured without a restart.
+
+Cost. sched_switch and sched_wakeup run for every task on the machine, so the per-event work is a few map
+operations (each ~70 ns here): an untracked wakeup is one lookup; a switch is two lookups (the CPU's pending
+wakeup, the next task's wakeup) unless it ends a tracked wait; IRQ and softirq probes look only on agent CPUs
+(constants in the program: a collector's agent CPUs never change) and on CPUs with a pending wakeup. A
+wakeup is one tuple (stamp, deadline, CPU, workload), each CPU's pending wakeups one tuple (oldest stamp,
+its deadline, its workload, count). A second wakeup before the thread ran (it was woken while still on its
+CPU) replaces the first. A pending count older than STALE_PENDING_NS restarts (the counts race between CPUs).
 
 Attribution. While a tracked wakeup on a CPU has waited longer than its workload's budget, everything
 that finishes on that CPU (a hard IRQ handler, a softirq vector, another task's run) is charged to the
@@ -46,7 +55,9 @@ from agentlat.operator.observe import coarse
 from agentlat.tuners.kernel import cpulist, prctl
 
 AGENTLAT_PRCTL = 0x41474C54  # "AGLT": no prctl option; the kernel answers EINVAL
-KIND_PROCESS, KIND_CGROUP, KIND_AGENT_CPU, KIND_BUDGET, KIND_THREAD, KIND_PING = 1, 2, 3, 4, 5, 6
+KIND_PROCESS, KIND_CGROUP, KIND_BUDGET, KIND_THREAD, KIND_PING = 1, 2, 4, 5, 6
+CLONE_THREAD, CLONE_INTO_CGROUP = 0x10000, 0x200000000
+STALE_PENDING_NS = 1_000_000_000  # a pending count older than this is taken as lost to a race and restarted
 SUB_BITS = 3
 SUB_BUCKETS = 1 << SUB_BITS
 GATES = {1: "epoll_wait", 2: "io_uring_enter"}
@@ -59,8 +70,7 @@ MAP_KEYS_MAX = 8192
 DEFAULT_BUDGET_US = 200.0
 INTERVAL_MAPS = ("@lat", "@lat_max", "@slow", "@off_task", "@off_irq", "@off_softirq", "@irq_time",
                  "@softirq_time", "@gate", "@gate_time")
-STATE_MAPS = ("@member", "@tgid_wl", "@cg_wl", "@agent_cpu", "@budget", "@wake", "@wcpu", "@pend_n", "@pend_ts",
-              "@pend_wl", "@on_ts", "@irq_ts", "@sirq_ts", "@gate_ts", "@gate_kind")
+STATE_MAPS = ("@member", "@tgid_wl", "@cg_wl", "@budget", "@wake", "@pend", "@on_ts", "@irq_ts", "@sirq_ts", "@gate_ts")
 
 Mode = Literal["bpf", "coarse"]
 
@@ -76,15 +86,49 @@ def _bucket_code(value: str, out: str) -> str:
             f"else {{ {out} = ($e - {SUB_BITS}) * {SUB_BUCKETS} + (int64)({value} >> ($e - {SUB_BITS})); }}")
 
 
+def _is_agent_cpu(cpus: cpulist.CpuSet) -> str:
+    """A bpftrace condition on ``$c``: the agent CPUs are fixed for a program's life, so they are constants."""
+    spans = [part.split("-") for part in cpulist.format(cpus).split(",") if part]
+    tests = [f"$c == {span[0]}" if len(span) == 1 else f"($c >= {span[0]} && $c <= {span[1]})" for span in spans]
+    return " || ".join(tests) or "0"
+
+
 def _charge(target: str, start: str) -> str:
-    """Charge [max(start, oldest pending wakeup), now] to target when that wakeup is over budget."""
-    return (f"$p = @pend_ts[cpu]; if ($p && $now > $p) {{ $wl = @pend_wl[cpu]; if ($now - $p > @budget[$wl]) {{ "
-            f"$s = {start}; if ($s < $p) {{ $s = $p; }} {target} = sum($now - $s); }} }}")
+    """Charge [max(start, oldest pending wakeup), now] to target when the CPU's oldest pending wakeup ($pd:
+    stamp, deadline, workload, count) is past its deadline (which also keeps ``$now - $s`` from wrapping)."""
+    return (f"if ($pd.3 && $now > $pd.1) {{ $s = {start}; if ($s < $pd.0) {{ $s = $pd.0; }} "
+            f"{target} = sum($now - $s); }}")
 
 
-def program(collector_pid: int, interval_s: float, lifetime_s: float) -> str:
+def _release(cpu: str) -> str:
+    """One pending wakeup on ``cpu`` is over: count down the CPU's pending tuple ($pq, read before)."""
+    return (f"if ($pq.3 <= 1) {{ delete(@pend[{cpu}]); }} "
+            f"else {{ @pend[{cpu}] = ($pq.0, $pq.1, $pq.2, $pq.3 - 1); }}")
+
+
+def _stamp_if_watched(agent: str, target: str) -> str:
+    """Entry of an IRQ or softirq: its start matters on an agent CPU (time per CPU) and on a CPU with a
+    pending wakeup (charges). Elsewhere the stale stamp is harmless: a charge starts at the later wakeup."""
+    return (f"$c = (uint64)cpu; if ({agent}) {{ {target}[$c] = nsecs; }} "
+            f"else {{ $pd = @pend[$c]; if ($pd.3) {{ {target}[$c] = nsecs; }} }}")
+
+
+def _exit_handler(agent: str, stamp: str, per_cpu: str, offender: str) -> str:
+    """Exit of an IRQ or softirq: time per agent CPU and the charge, only where someone looks. The exit probe
+    comes first in the program: bpftrace detaches in program order (over a second for 20 probes), and an exit
+    still attached after its entry would add (now - last stamp) to every handler in the END interval."""
+    return (f"$c = (uint64)cpu; $pd = @pend[$c]; $a = {agent};\n"
+            f"  if ($a || $pd.3) {{\n"
+            f"    $now = nsecs; $s0 = {stamp}[$c];\n"
+            f"    if ($a && $s0) {{ {per_cpu} = sum($now - $s0); }}\n"
+            f"    {_charge(offender, '$s0')}\n"
+            f"  }}")
+
+
+def program(collector_pid: int, interval_s: float, lifetime_s: float, agent_cpus: cpulist.CpuSet) -> str:
     """The whole bpftrace program. ``collector_pid`` is the only process whose prctl calls it obeys."""
     interval_ms = max(int(interval_s * 1000), 10)
+    agent = _is_agent_cpu(agent_cpus)
     prints = " ".join(f"print({name});" for name in INTERVAL_MAPS)
     clears = " ".join(f"clear({name});" for name in INTERVAL_MAPS)
     states = " ".join(f"clear({name});" for name in STATE_MAPS)
@@ -92,10 +136,9 @@ def program(collector_pid: int, interval_s: float, lifetime_s: float) -> str:
         f"  if (args->arg2 == {kind}) {{ if (args->arg4) {{ {target} = args->arg4; }} "
         f"else {{ delete({target}); }} }}"
         for kind, target in ((KIND_PROCESS, "@tgid_wl[args->arg3]"), (KIND_CGROUP, "@cg_wl[args->arg3]"),
-                             (KIND_AGENT_CPU, "@agent_cpu[args->arg3]"), (KIND_BUDGET, "@budget[args->arg3]"),
-                             (KIND_THREAD, "@member[args->arg3]")))
+                             (KIND_BUDGET, "@budget[args->arg3]"), (KIND_THREAD, "@member[args->arg3]")))
     gates = "\n".join(
-        f"tracepoint:syscalls:sys_enter_{call} /@member[tid]/ {{ @gate_ts[tid] = nsecs; @gate_kind[tid] = {kind}; }}"
+        f"tracepoint:syscalls:sys_enter_{call} /@member[tid]/ {{ @gate_ts[tid] = (nsecs, (uint64){kind}); }}"
         for kind, calls in ((1, ("epoll_wait", "epoll_pwait")), (2, ("io_uring_enter",))) for call in calls)
     gate_exits = ",\n".join(f"tracepoint:syscalls:sys_exit_{call}"
                             for call in ("epoll_wait", "epoll_pwait", "io_uring_enter"))
@@ -105,56 +148,78 @@ tracepoint:syscalls:sys_enter_prctl /pid == {collector_pid} && args->option == {
   if (args->arg2 == {KIND_PING}) {{ printf("{READY_MARK}\\n"); }}
 }}
 
-tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new /@member[args->pid] && !@wake[args->pid]/ {{
-  $c = args->target_cpu;
-  @wake[args->pid] = nsecs; @wcpu[args->pid] = $c;
-  if (!@pend_n[$c]) {{ @pend_ts[$c] = nsecs; @pend_wl[$c] = @member[args->pid]; }}
-  @pend_n[$c] = @pend_n[$c] + 1;
+tracepoint:task:task_newtask {{
+  $m = (uint64)0;
+  if (args->clone_flags & {CLONE_THREAD}) {{ $m = @tgid_wl[pid]; }}
+  if (!$m && !(args->clone_flags & {CLONE_INTO_CGROUP})) {{ $m = @cg_wl[cgroup]; }}
+  if ($m) {{ @member[args->pid] = $m; }}
 }}
 
-tracepoint:sched:sched_switch {{
-  $now = nsecs;
-  $m = @tgid_wl[pid]; if (!$m) {{ $m = @cg_wl[cgroup]; }}
-  if ($m && $m != @member[tid]) {{ @member[tid] = $m; }}
-  {_charge("@off_task[$wl, args->prev_pid, args->prev_comm]", "@on_ts[cpu]")}
-  @on_ts[cpu] = $now;
-  $t = @wake[args->next_pid];
-  if ($t) {{
-    if ($now > $t) {{
-      $d = $now - $t; $w = @member[args->next_pid];
-      {_bucket_code("$d", "$b")}
-      @lat[$w, $b] = count(); @lat_max[$w] = max($d);
-      if ($d > @budget[$w]) {{ @slow[$w] = count(); }}
-    }}
-    $q = @wcpu[args->next_pid];
-    delete(@wake[args->next_pid]); delete(@wcpu[args->next_pid]);
-    @pend_n[$q] = @pend_n[$q] - 1;
-    if (@pend_n[$q] <= 0) {{ delete(@pend_n[$q]); delete(@pend_ts[$q]); delete(@pend_wl[$q]); }}
+tracepoint:cgroup:cgroup_attach_task /args->dst_root == 0/ {{
+  $m = @cg_wl[args->dst_id]; if ($m) {{ @member[args->pid] = $m; }}
+}}
+
+tracepoint:sched:sched_wakeup, tracepoint:sched:sched_wakeup_new {{
+  $w = (uint64)@member[args->pid];
+  if ($w) {{
+    $wk = @wake[args->pid];
+    if ($wk.0) {{ $q = $wk.2; $pq = @pend[$q]; {_release("$q")} }}
+    $now = nsecs; $c = (uint64)args->target_cpu; $due = $now + (uint64)@budget[$w];
+    @wake[args->pid] = ($now, $due, $c, $w);
+    $pd = @pend[$c];
+    if ($pd.3 && $now < $pd.0 + {STALE_PENDING_NS}) {{ @pend[$c] = ($pd.0, $pd.1, $pd.2, $pd.3 + 1); }}
+    else {{ @pend[$c] = ($now, $due, $w, (uint64)1); }}
   }}
 }}
 
-tracepoint:sched:sched_process_exit {{ delete(@member[args->pid]); delete(@wake[args->pid]); }}
-
-tracepoint:irq:irq_handler_entry {{ @irq_ts[cpu] = nsecs; }}
-tracepoint:irq:irq_handler_exit /@irq_ts[cpu]/ {{
-  $now = nsecs;
-  if (@agent_cpu[cpu]) {{ @irq_time[cpu, args->irq] = sum($now - @irq_ts[cpu]); }}
-  {_charge("@off_irq[$wl, args->irq]", "@irq_ts[cpu]")}
+tracepoint:sched:sched_switch {{
+  $c = (uint64)cpu; $now = (uint64)0;
+  $pd = @pend[$c]; $left = $pd.3;
+  if ($left) {{
+    $now = nsecs;
+    {_charge("@off_task[$pd.2, args->prev_pid, args->prev_comm]", "@on_ts[$c]")}
+  }}
+  if (args->next_pid) {{  // the idle task is never tracked: no lookup
+    $wk = @wake[args->next_pid];
+    if ($wk.0) {{
+      if (!$now) {{ $now = nsecs; }}
+      if ($now > $wk.0) {{
+        $d = $now - $wk.0; $w = $wk.3;
+        {_bucket_code("$d", "$b")}
+        @lat[$w, $b] = count(); @lat_max[$w] = max($d);
+        if ($now > $wk.1) {{ @slow[$w] = count(); }}
+      }}
+      delete(@wake[args->next_pid]);
+      $q = $wk.2; $pq = $pd;
+      if ($q != $c) {{ $pq = @pend[$q]; }} else if ($left) {{ $left = $left - 1; }}
+      {_release("$q")}
+    }}
+  }}
+  if ($left) {{ @on_ts[$c] = $now; }}
 }}
 
-tracepoint:irq:softirq_entry {{ @sirq_ts[cpu] = nsecs; }}
-tracepoint:irq:softirq_exit /@sirq_ts[cpu]/ {{
-  $now = nsecs;
-  if (@agent_cpu[cpu]) {{ @softirq_time[cpu, args->vec] = sum($now - @sirq_ts[cpu]); }}
-  {_charge("@off_softirq[$wl, args->vec]", "@sirq_ts[cpu]")}
+tracepoint:sched:sched_process_exit /@member[args->pid]/ {{
+  delete(@member[args->pid]);
+  $wk = @wake[args->pid];
+  if ($wk.0) {{ delete(@wake[args->pid]); $q = $wk.2; $pq = @pend[$q]; {_release("$q")} }}
 }}
+
+tracepoint:irq:irq_handler_exit {{
+  {_exit_handler(agent, "@irq_ts", "@irq_time[$c, args->irq]", "@off_irq[$pd.2, args->irq]")}
+}}
+tracepoint:irq:irq_handler_entry {{ {_stamp_if_watched(agent, "@irq_ts")} }}
+
+tracepoint:irq:softirq_exit {{
+  {_exit_handler(agent, "@sirq_ts", "@softirq_time[$c, args->vec]", "@off_softirq[$pd.2, args->vec]")}
+}}
+tracepoint:irq:softirq_entry {{ {_stamp_if_watched(agent, "@sirq_ts")} }}
 
 {gates}
-{gate_exits} /@gate_ts[tid]/ {{
-  $d = nsecs - @gate_ts[tid]; $w = @member[tid]; $k = @gate_kind[tid];
+{gate_exits} /@gate_ts[tid].0/ {{
+  $g = @gate_ts[tid]; $d = nsecs - $g.0; $w = @member[tid]; $k = $g.1;
   {_bucket_code("$d", "$b")}
   @gate[$w, $k, $b] = count(); @gate_time[$w, $k] = sum($d);
-  delete(@gate_ts[tid]); delete(@gate_kind[tid]);
+  delete(@gate_ts[tid]);
 }}
 
 interval:ms:{interval_ms} {{ {prints} {clears} printf("{INTERVAL_MARK} %lld\\n", nsecs); }}
@@ -602,9 +667,8 @@ class Collector:
             if self._attached.is_set():
                 self._sync()
 
-    def _wanted(self) -> dict[tuple[int, int], int]:
-        want: dict[tuple[int, int], int] = {(KIND_AGENT_CPU, cpu): 1 for cpu in self.agent_cpus}
-        seen: dict[int | str, frozenset[int]] = {}
+    def _owners(self) -> dict[tuple[int, int], int]:
+        want: dict[tuple[int, int], int] = {}
         for number, spec in self.workloads.items():
             want[(KIND_BUDGET, number)] = max(int(spec.budget_us * 1000), 1)
             want.update({(KIND_PROCESS, pid): number for pid in spec.pids})
@@ -612,6 +676,12 @@ class Collector:
                 ident = cgroup_id(path)
                 if ident is not None:
                     want[(KIND_CGROUP, ident)] = number
+        return want
+
+    def _threads(self) -> dict[tuple[int, int], int]:
+        seen: dict[int | str, frozenset[int]] = {}
+        want: dict[tuple[int, int], int] = {}
+        for number, spec in self.workloads.items():
             members: list[int | str] = [*spec.pids, *spec.cgroups]
             threads = set(spec.tids).union(*(self._first_threads(member, seen) for member in members))
             want.update({(KIND_THREAD, tid): number for tid in threads})
@@ -619,8 +689,8 @@ class Collector:
         return want
 
     def _first_threads(self, member: int | str, seen: dict[int | str, frozenset[int]]) -> frozenset[int]:
-        """The threads a process (pid) or cgroup (path) had when it was added, read once: the program makes
-        every later thread of a tracked process or cgroup a member itself, the first time it runs."""
+        """The threads a process (pid) or cgroup (path) had when it was first sent, read once: every later
+        thread of a tracked process, or task in a tracked cgroup, joins in the kernel as it is made."""
         threads = self._threads_at_add.get(member)
         if threads is None:
             pids, cgroups = ([member], []) if isinstance(member, int) else ([], [member])
@@ -629,16 +699,22 @@ class Collector:
         return threads
 
     def _sync(self) -> None:
-        want = self._wanted()
+        # Processes and cgroups first, their threads read after: a thread made in between joins in the kernel.
+        owners = self._owners()
+        self._send_changed(owners)
+        want = owners | self._threads()
         gone = self._sent.keys() - want.keys()
         # Threads a dropped process or cgroup made since the last sync are known only to the program.
         late = threads_of([key for kind, key in gone if kind == KIND_PROCESS], [], self.root)
         for key in gone | {(KIND_THREAD, tid) for tid in late if (KIND_THREAD, tid) not in want}:
             _send(*key, 0)
+        self._send_changed(want)
+        self._sent = want
+
+    def _send_changed(self, want: Mapping[tuple[int, int], int]) -> None:
         for key, value in want.items():
             if self._sent.get(key) != value:
                 _send(*key, value)
-        self._sent = want
 
     # results
 
@@ -697,7 +773,7 @@ class Collector:
         self._attached.clear()
         self._sent, self._threads_at_add = {}, {}
         self._stderr = []
-        proc = spawn(["-f", "json", "-e", program(os.getpid(), self.interval_s, self.lifetime_s)])
+        proc = spawn(["-f", "json", "-e", program(os.getpid(), self.interval_s, self.lifetime_s, self.agent_cpus)])
         self._proc = proc
         assert proc.stdout is not None and proc.stderr is not None
         errors = threading.Thread(target=filter_stderr, args=(proc.stderr, self._stderr.append), daemon=True)

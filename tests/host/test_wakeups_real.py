@@ -158,6 +158,78 @@ def test_loopback_softirq_storm_steered_to_the_agent_cpu_is_top_offender() -> No
     assert ("softirq", "NET_RX") in [(item.kind, item.name) for item in figures.offenders[:3]], figures.offenders
 
 
+LATE_THREAD = ("import sys, threading, time\n"
+               "def tick():\n    end = time.monotonic() + 3\n    while time.monotonic() < end: time.sleep(0.001)\n"
+               "print(flush=True); sys.stdin.readline()\n"
+               "worker = threading.Thread(target=tick); worker.start(); worker.join()")
+
+
+def wakeup_count(collector: wakeups.Collector, name: str) -> int:
+    figures = collector.snapshot().workloads[name].wakeup
+    return figures.count if figures else 0
+
+
+def test_a_thread_made_after_the_process_was_sent_is_measured() -> None:
+    """Tracked by pid, the process has one thread blocked on stdin when the collector syncs; the timer thread
+    it starts later is learned in the kernel when it is made (task_newtask)."""
+    child = subprocess.Popen([sys.executable, "-c", LATE_THREAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None and child.stdout.readline() == b"\n"
+    collector = wakeups.Collector([wakeups.Workload("late", 1000, pids=frozenset({child.pid}))],
+                                  frozenset({AGENT_CPU}), interval_s=0.2)
+    try:
+        assert collector.start().wait_ready(60), collector.reason or "bpftrace did not attach"
+        assert len(list(pathlib.Path(f"/proc/{child.pid}/task").iterdir())) == 1
+        assert wakeup_count(collector, "late") < 10
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        wait_for("the new thread's 1 ms wakeups", lambda: wakeup_count(collector, "late") >= 300, 20)
+    finally:
+        child.kill()
+        child.wait()
+        collector.stop()
+
+
+def cgroup2_root() -> pathlib.Path:
+    for line in pathlib.Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[2] == "cgroup2":
+            return pathlib.Path(fields[1])
+    pytest.skip("no cgroup v2 hierarchy mounted")
+
+
+def test_a_task_moved_into_a_tracked_cgroup_is_measured() -> None:
+    """The cgroup is empty when the collector syncs; a timer loop moved in later is learned in the kernel
+    (cgroup_attach_task). The test's cgroup is removed in ``finally``."""
+    group = cgroup2_root() / f"agentlat-test-{os.getpid()}"
+    group.mkdir()
+    loop = subprocess.Popen([sys.executable, "-c", "import time\nwhile True: time.sleep(0.001)"])
+    collector = wakeups.Collector([wakeups.Workload("moved", 1000, cgroups=frozenset({str(group)}))],
+                                  frozenset({AGENT_CPU}), interval_s=0.2)
+    try:
+        assert collector.start().wait_ready(60), collector.reason or "bpftrace did not attach"
+        time.sleep(0.5)  # not proof: gives an untracked loop time to be (wrongly) counted
+        assert wakeup_count(collector, "moved") == 0
+        (group / "cgroup.procs").write_text(f"{loop.pid}\n")
+        wait_for("the moved loop's 1 ms wakeups", lambda: wakeup_count(collector, "moved") >= 300, 20)
+    finally:
+        loop.kill()
+        loop.wait()
+        collector.stop()
+        wait_for("the test cgroup to empty", lambda: not (group / "cgroup.procs").read_text().strip(), 10)
+        group.rmdir()
+    assert not group.exists()
+
+
+def test_program_agent_cpu_test_matches_the_set() -> None:
+    sets = [frozenset(), frozenset({1}), frozenset({0, 2, 3, 4, 7})]
+    body = " ".join(f"$c = (uint64){cpu}; if ({wakeups._is_agent_cpu(cpus)}) {{ printf(\"{index} {cpu}\\n\"); }}"
+                    for index, cpus in enumerate(sets) for cpu in range(9))
+    result = subprocess.run(["bpftrace", "-e", f"BEGIN {{ {body} exit(); }}"], capture_output=True, text=True,
+                            timeout=60, check=True)
+    got = {tuple(int(x) for x in line.split()) for line in result.stdout.splitlines() if line[:1].isdigit()}
+    assert got == {(index, cpu) for index, cpus in enumerate(sets) for cpu in cpus}
+
+
 def test_killed_bpftrace_is_restarted_and_keeps_measuring() -> None:
     with collector_with_cyclictest(seconds=15, budget_us=500) as (collector, _):
         first = collector._proc

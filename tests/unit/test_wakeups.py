@@ -152,8 +152,8 @@ def test_memlock_warning_is_dropped_only_where_the_limit_does_not_apply(release:
 
 
 def test_each_stage_of_the_program_uses_its_own_timestamp_map() -> None:
-    text = wakeups.program(1234, 1.0, 60)
-    assert "@irq_ts[cpu] = nsecs" in text and "@sirq_ts[cpu] = nsecs" in text and "@gate_ts[tid] = nsecs" in text
+    text = wakeups.program(1234, 1.0, 60, frozenset({1}))
+    assert "@irq_ts[$c] = nsecs" in text and "@sirq_ts[$c] = nsecs" in text and "@gate_ts[tid] = (nsecs" in text
     assert f"pid == 1234 && args->option == {wakeups.AGENTLAT_PRCTL}" in text
 
 
@@ -178,7 +178,7 @@ def test_collector_without_bpftrace_is_coarse_and_says_so(monkeypatch: pytest.Mo
 def test_a_wakeup_stamped_after_this_cpu_read_the_clock_is_neither_measured_nor_charged() -> None:
     """sched_wakeup runs on the waker's CPU: its stamp can be later than the `$now` this CPU took just
     before reading it. Unsigned, `$now - stamp` would wrap to ~2^64 ns (an offender of 18446744073709 ms)."""
-    text = wakeups.program(1, 1.0, 10.0)
-    assert text.count("if ($p && $now > $p)") == 3  # the task, IRQ and softirq charges
-    measured = text.split("$t = @wake[args->next_pid];", 1)[1]
-    assert measured.index("if ($now > $t)") < measured.index("$d = $now - $t")
+    text = wakeups.program(1, 1.0, 10.0, frozenset({1}))
+    assert text.count("if ($pd.3 && $now > $pd.1)") == 3  # the task, IRQ and softirq charges, after the deadline
+    measured = text.split("$wk = @wake[args->next_pid];", 1)[1]
+    assert measured.index("if ($now > $wk.0)") < measured.index("$d = $now - $wk.0")
