@@ -50,6 +50,7 @@ spec:
     pinToAgentCpus: true
 """
 TUNED = (-5, os.SCHED_BATCH, 1000, frozenset({1}))
+AGENT_EVERY = int(os.environ.get("AGENT_EVERY", "10"))
 
 
 def state(pid: int) -> tuple[int, int, int, frozenset[int]]:
@@ -106,7 +107,7 @@ def churn(agent: str, rate: int, seconds: float) -> tuple[int, int]:
     while (now := time.monotonic()) - begin < seconds:
         due = int((now - begin) * rate)
         while started < due:
-            if started % 10 == 0:
+            if started % AGENT_EVERY == 0:
                 children.append(subprocess.Popen([agent, "0.2"]))
                 agents += 1
             else:
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--execs", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--skip-churn", action="store_true", help="only the exec-to-tuned latencies")
     parser.add_argument("--churn-agent", help=argparse.SUPPRESS)
     parser.add_argument("--exec-agent", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,11 +147,18 @@ def main() -> None:
     try:
         while node.snapshot().generation != 1:
             time.sleep(0.05)
+        threads_before = thread_cpu()
         out = subprocess.run([sys.executable, __file__, "--exec-agent", str(agent), "--execs", str(args.execs)],
                              capture_output=True, text=True, check=True)
         found = sorted(float(word) for word in out.stdout.split())
+        per_exec = {name: 1000 * (spent - threads_before.get(name, 0.0)) / args.execs
+                    for name, spent in thread_cpu().items()}
         print(f"exec-to-tuned over {len(found)} of {args.execs} execs: p50 {stats.percentile(found, 50):.2f} ms, "
               f"p99 {stats.percentile(found, 99):.2f} ms, max {found[-1]:.2f} ms (target p99 < 10 ms)")
+        print("  CPU per exec: " + ", ".join(f"{name} {spent:.2f} ms" for name, spent in
+                                             sorted(per_exec.items(), key=lambda item: -item[1]) if spent >= 0.005))
+        if args.skip_churn:
+            return
         before = dict(node.snapshot().measurements.observed)
         cpu_before = cpu_seconds()
         threads_before = thread_cpu()

@@ -20,6 +20,8 @@ Defaults by latency class: ``background`` without ``schedPolicy``/``nice`` runs 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import errno
 import pathlib
@@ -34,6 +36,9 @@ NAME = "sched"
 KEEP = "keep"
 SLICE_KERNEL = (6, 12)  # sched_setattr's sched_runtime sets the EEVDF slice of fair tasks from 6.12
 MAX_RT_PRIORITY = 49
+# (root, pid, tid, start) of threads whose identity this batch checked (see identities_once)
+_checked: contextvars.ContextVar[set[tuple[str, int, int, int]] | None] = contextvars.ContextVar(
+    "agentlat_sched_checked", default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,10 +290,36 @@ def _micros(ns: int) -> str:
     return f"{ns / 1000:g}us"
 
 
+@contextlib.contextmanager
+def identities_once() -> Iterator[None]:
+    """Within this scope each thread's identity (its start time, /proc/PID/task/TID/stat: about 15 µs of
+    kernel work) is checked at its first read or write only. The check guards the time between a plan and
+    its apply, or a journal row and its revert: a TID is reused only after the kernel has handed out
+    pid_max other PIDs, which a batch's milliseconds cannot see, while a new process's four attributes
+    cost twelve checks without it."""
+    token = _checked.set(set())
+    try:
+        yield
+    finally:
+        _checked.reset(token)
+
+
 def _check_start(root: pathlib.Path, pid: int, tid: int, start: int) -> None:
     """Raise ProcessLookupError unless TID is still the thread the target was planned for."""
+    checked = _checked.get()
+    key = (str(root), pid, tid, start)
+    if checked is not None and key in checked:
+        return
+    _read_start(root, pid, tid, start)
+    if checked is not None:
+        checked.add(key)
+
+
+def _read_start(root: pathlib.Path, pid: int, tid: int, start: int) -> None:
+    # The leader's start time is the same in proc/PID/stat, which a new process's planning has just read:
+    # the kernel already holds its entry.
     try:
-        text = hostfs.read_text(root, f"proc/{pid}/task/{tid}/stat")
+        text = hostfs.read_text(root, f"proc/{pid}/stat" if tid == pid else f"proc/{pid}/task/{tid}/stat")
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"thread {tid} of pid {pid} is gone") from None
     except ProcessLookupError:

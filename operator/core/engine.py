@@ -177,21 +177,29 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
 def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
               *, policy: str, generation: int, originals: Mapping[str, str | None] | None = None) -> Report:
     """Apply actions on things that just appeared (processes the daemon saw start), releasing nothing.
-    Every original is read first and journaled in one commit before the first write (still write-ahead:
-    a crash after it reverts whatever was written); outcomes follow in one commit. ``originals``, by
-    target, are journaled in place of the value read: what a new task held before it inherited a value
-    an earlier apply gave its parent."""
+    Every original is journaled in one commit before the first write (still write-ahead: a crash after it
+    reverts whatever was written); outcomes follow in one commit. The original is the action's ``current``,
+    which the caller's plan read from the live host moments before (it plans against no journal), and is
+    read again only where the plan has none. ``originals``, by target, are journaled in place of either:
+    what a new task held before it inherited a value an earlier apply gave its parent. The whole batch is
+    one :func:`registry.batch` (a thread's identity is checked once, not before every read and write)."""
+    with registry.batch():
+        return _apply_new(list(actions), ctx, journal, root, policy, generation, originals or {})
+
+
+def _apply_new(actions: list[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
+               policy: str, generation: int, originals: Mapping[str, str | None]) -> Report:
     results: list[Result] = []
     ready: list[tuple[plan.Action, base.Tuner, str]] = []
     for action in actions:
         tuner = registry.by_name(action.tuner)
         try:
-            ready.append((action, tuner, tuner.read(root, action.target)))
+            ready.append((action, tuner, action.current if action.current is not None
+                          else tuner.read(root, action.target)))
         except (OSError, base.Unsupported) as exc:
             results.append(_failure(action.tuner, action.target, exc, None))
-    known = originals or {}
-    journal.record_originals([(a.tuner, a.target, known.get(a.target, original), a.desired, policy, generation)
-                              for a, _, original in ready])
+    journal.record_originals([(a.tuner, a.target, originals.get(a.target, original), a.desired, policy,
+                               generation) for a, _, original in ready])
     writes = 0
     journaled: list[Result] = []
     for index, (action, tuner, original) in enumerate(ready):

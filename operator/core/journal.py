@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS originals (
     PRIMARY KEY (tuner, target, boot_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS originals_by_target ON originals (target, boot_id);  -- exited tasks, by prefix
 """
 _UPSERT = (
     "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation, recorded_at, updated_at)"
@@ -260,9 +261,9 @@ class Journal:
     def forget_tasks(self, tasks: list[tuple[int, int | None]]) -> None:
         """Forget every ``task/PID/TID@...`` target of exited threads ((pid, None): the whole process), in
         one transaction, not fsynced: a forgotten row a crash brings back names a thread that is gone."""
-        self._unsynced("DELETE FROM originals WHERE target LIKE ? AND boot_id = ?",
-                       [(f"task/{pid}/{tid if tid is not None else ''}" + ("@%" if tid is not None else "%"),
-                         self.boot_id) for pid, tid in tasks])
+        self._unsynced("DELETE FROM originals WHERE target >= ? AND target < ? AND boot_id = ?",
+                       [(*_prefix_range(f"task/{pid}/" if tid is None else f"task/{pid}/{tid}@"), self.boot_id)
+                        for pid, tid in tasks])
 
     def _unsynced(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         if not rows:
@@ -516,6 +517,11 @@ def _agentlat_args(argv: list[str]) -> list[str] | None:
     if argv[1:3] == ["-m", "agentlat.operator.cli"]:
         return argv[3:]
     return None
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """[low, high) holding exactly the strings that start with ``prefix`` (an index can serve it; LIKE cannot)."""
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def _fsync_dir(path: pathlib.Path) -> None:

@@ -140,11 +140,15 @@ class Watch:
             if not self._watched:
                 return
             gone = set(looked) | set(exited)
+            changed = False
             for name, watched in self._watched.items():
                 pids, cgroups = self._members(found.get(name))
-                watched.pids = (watched.pids - gone) | pids
+                now = (watched.pids - gone) | pids
+                changed = changed or now != watched.pids or not cgroups <= watched.cgroups
+                watched.pids = now
                 watched.cgroups |= cgroups
-            self._follow()
+            if changed:  # most batches are other processes coming and going: nothing to send
+                self._follow()
 
     def stop(self) -> None:
         """Stop the collector; the next full plan starts a new one if there is something to watch."""

@@ -59,6 +59,7 @@ Desired = Callable[[], tuple[policy.Policy | None, int | None]]
 Found = Callable[[Mapping[str, workloads.Found], frozenset[int], list[int]], None]
 LIVE = pathlib.Path("/")
 PRIORITY_NICE = -10
+EARLY = 0.001  # a deadline this close is due now: sleeping until it costs a wake-up, more than looking early
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,8 @@ class Options:
     full_wait: float = 0.02  # how often to look whether the daemon's full reconcile is done
     coalesce: float = 0.002  # the reader lets events gather this long, and an exec or rename is looked at this
     # long after it: what exits meanwhile costs nothing
-    settle: float = 0.025  # everything else (forks, exits, what no workload can select) waits at most this long
+    settle: float = 0.1  # everything else (forks, exits, new threads) waits at most this long: nothing in it
+    # is a workload's start, and a churn's exits and forks coalesce into a few batches a second
     latency_samples: int = 4096
     buffer_bytes: int = kernel.DEFAULT_BUFFER
 
@@ -149,7 +151,7 @@ class ProcFS(hostfs.HostFS):
     def __init__(self, root: pathlib.Path, pids: frozenset[int]) -> None:
         super().__init__(root)
         self.pids = pids
-        self._read_once: dict[str, str | None] = {}  # proc/PID/{stat,cmdline,cgroup}: read once a batch
+        self._read_once: dict[str, str | None] = {}  # proc/PID/{stat,cmdline,cgroup}, task stats: once a batch
 
     def begin(self) -> None:
         """A new batch: what was read for the last one is stale."""
@@ -169,10 +171,11 @@ class ProcFS(hostfs.HostFS):
         return super().listdir(rel)
 
     def read(self, rel: str) -> str | None:
+        rel = _leader_stat(rel)
         if rel in self._read_once:
             return self._read_once[rel]
         text = self._read(rel)
-        if rel.startswith("proc/") and rel.count("/") == 2:
+        if rel.startswith("proc/") and (rel.count("/") == 2 or rel.endswith("/stat")):
             self._read_once[rel] = text
         return text
 
@@ -302,10 +305,11 @@ class Listener:
     def feed(self, events: Iterable[kernel.Event]) -> None:
         """Record what each event asks for; never blocks on anything but this short lock. The worker is woken
         only when its next deadline moves closer (the first pending event, the first exec or rename)."""
+        now = time.monotonic()
         with self._cv:
-            wake = fresh = not self._looks and not self._exits
+            wake = fresh = not self._pending()
             for event in events:
-                when = min(event.stamp_ns / 1e9, time.monotonic())  # the kernel's stamp, whenever it was read
+                when = min(event.stamp_ns / 1e9, now)  # the kernel's stamp, whenever it was read
                 if fresh:
                     self._since, fresh = when, False
                 self.counts[event.kind] += 1
@@ -335,20 +339,36 @@ class Listener:
                 self._cv.notify()
 
     def _read(self) -> None:
+        """Wait for the first event, then read every ``coalesce`` for as long as events keep coming: under
+        churn, one sleep per batch of events instead of a poll and a sleep (each wake-up costs more than
+        the events it reads)."""
         assert self._source is not None
         _prioritize()
+        poller = select.poll()
+        for fd in (self._source.fileno(), self._wake_r):
+            poller.register(fd, select.POLLIN)
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._source.fileno(), self._wake_r], [], [], 1.0)
-            if self._source.fileno() not in ready:
+            if not poller.poll(1000) or self._stop.is_set():
                 continue
-            time.sleep(self.options.coalesce)  # by when the first exec read is due: the worker triages at once
-            try:
-                self.feed(self._source.read())
-            except kernel.Overflow as exc:
-                with self._lock:
-                    self.counts["overflows"] += 1
-                logger.warning("%s: full resync", exc)
-                self._resync(str(exc))
+            while not self._stop.is_set():
+                time.sleep(self.options.coalesce)  # by when the first exec read is due: the worker triages at once
+                if not self._drain():
+                    break
+
+    def _drain(self) -> bool:
+        """Feed what the socket holds; whether there was anything."""
+        assert self._source is not None
+        try:
+            events = self._source.read()
+        except kernel.Overflow as exc:
+            with self._lock:
+                self.counts["overflows"] += 1
+            logger.warning("%s: full resync", exc)
+            self._resync(str(exc))
+            return True
+        if events:
+            self.feed(events)
+        return bool(events)
 
     # -- the worker --------------------------------------------------------------------------------------
 
@@ -366,18 +386,21 @@ class Listener:
                 self._cgroups.clear()
                 self._guard(self._check_strays)
             with self._cv:
-                settle = self._since + self.options.settle if self._looks or self._exits else math.inf
+                settle = self._since + self.options.settle if self._pending() else math.inf
                 urgent = self._urgent_since + self.options.coalesce if self._urgent_since is not None else math.inf
                 wake = min(settle, urgent, next_strays, next_scan if self._source is None else math.inf)
-                if wake > now:
+                if wake > now + EARLY:
                     self._cv.wait(min(1.0, wake - now))
                     continue
             if self._full_running():
                 time.sleep(self.options.full_wait)
-            elif settle <= now:
+            elif settle <= now + EARLY:
                 self._guard(self.settle)
-            elif urgent <= now:
+            elif urgent <= now + EARLY:
                 self._guard(self._triage)
+
+    def _pending(self) -> bool:
+        return bool(self._looks or self._exits or self._forks)
 
     def settle(self) -> None:
         """Handle everything pending (what :meth:`feed` recorded) in one batch."""
@@ -387,7 +410,7 @@ class Listener:
             forks, self._forks = self._forks, {}
             self._urgent_since = None
         self._fs.begin()
-        if looks or exits:
+        if looks or exits or forks:
             self.handle(looks, exits, forks)
 
     def _triage(self) -> None:
@@ -405,9 +428,13 @@ class Listener:
             return
         self._fs.begin()
         ready = {pid for pid in urgent if _worth_planning(effective, template.cpus, self._fs, pid)}
-        if not ready:
-            return
         with self._cv:
+            for pid in urgent:  # looked at and not worth it: the settle batch would only read it again
+                pending = self._looks.get(pid)
+                if pid not in ready and pending is not None and not pending.urgent:
+                    del self._looks[pid]
+            if not ready:
+                return
             looks = {pid: self._looks.pop(pid) for pid in ready if pid in self._looks}
             forks = {tid: fork for tid, fork in self._forks.items() if fork[0] in looks}
             for tid in forks:
@@ -439,7 +466,7 @@ class Listener:
             for pid, tid in gone:
                 known.forget(pid, tid)
         effective, generation = self._desired()
-        if effective is None or effective.mode == "DryRun" or not looks:
+        if effective is None or effective.mode == "DryRun" or not (looks or forks):
             self._found({}, frozenset(), exited)
             return
         template = self._model_template(effective, generation)
@@ -451,9 +478,10 @@ class Listener:
         fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
         actions: list[plan.Action] = []
         if fs.pids:
-            discovery = workloads.Discovery(fs, cgroups=self._cgroups, hierarchies=hierarchies)
+            discovery = workloads.Discovery(fs, taskattrs.backend(fs.root), cgroups=self._cgroups,
+                                            hierarchies=hierarchies)
             model = host.with_processes(base_host, discovery, selection=self._selection(),
-                                        wanted=effective.workloads,
+                                        wanted=effective.workloads, check_self=False,  # the full plan did
                                         threads=fs.pids if effective.isolation.move_threads else False)
             self._found(model.found, fs.pids, exited)
             actions = list(_actions(effective, model, cpus, fs.pids))
@@ -591,7 +619,7 @@ class Listener:
         with self._cv:
             if changed and self._urgent_since is None:
                 self._urgent_since = time.monotonic()
-            if (changed or gone) and not self._looks and not self._exits:
+            if (changed or gone) and not self._pending():
                 self._since = time.monotonic()
             for pid in changed:
                 self._looks.setdefault(pid, _Pending(now_ns, True)).urgent = True
@@ -619,6 +647,16 @@ class Listener:
             engine.apply_new(found, context.Context("strays"), self._journal(), self.root, policy=effective.name,
                              generation=generation or 0)
             self._rows = None
+
+
+def _leader_stat(rel: str) -> str:
+    """proc/PID/stat for proc/PID/task/PID/stat: the fields a stat is read for (comm, state, flags, start time,
+    thread count) are the leader's in both, and a new process's first look at another /proc entry costs the
+    kernel tens of microseconds."""
+    parts = rel.split("/")
+    if len(parts) == 5 and parts[0] == "proc" and parts[2] == "task" and parts[1] == parts[3] and parts[4] == "stat":
+        return f"proc/{parts[1]}/stat"
+    return rel
 
 
 def _prioritize() -> None:

@@ -172,10 +172,12 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *, selection: work
 
 
 def with_processes(model: Host, discovery: workloads.Discovery, *, selection: workloads.Selection | None,
-                   wanted: Iterable[policy.Workload], threads: bool | frozenset[int] = False) -> Host:
+                   wanted: Iterable[policy.Workload], threads: bool | frozenset[int] = False,
+                   check_self: bool = True) -> Host:
     """``model`` with its process facts read anew through ``discovery``: the daemon's reaction to new
-    processes re-reads only them, on the host model it already has."""
-    return dataclasses.replace(model, **_processes(discovery, selection, wanted, threads))
+    processes re-reads only them, on the host model it already has. ``check_self=False`` keeps the
+    model's ``self_selected``: for a reaction to other processes, under a policy already checked."""
+    return dataclasses.replace(model, **_processes(discovery, selection, wanted, threads, check_self))
 
 
 def resume_latency_file(cpu: int) -> str:
@@ -183,15 +185,18 @@ def resume_latency_file(cpu: int) -> str:
 
 
 def _processes(discovery: workloads.Discovery, selection: workloads.Selection | None,
-               wanted: Iterable[policy.Workload], threads: bool | frozenset[int]) -> dict[str, Any]:
+               wanted: Iterable[policy.Workload], threads: bool | frozenset[int],
+               check_self: bool = True) -> dict[str, Any]:
     chosen = tuple(wanted)
-    return {
+    found: dict[str, Any] = {
         "selection": selection,
         "found": {workload.name: discovery.find(workload, workloads.pods_for(selection, workload))
                   for workload in chosen},
         "threads": tuple(discovery.threads(threads if isinstance(threads, frozenset) else None)) if threads else None,
-        "self_selected": frozenset(workload.name for workload in chosen if discovery.selects_self(workload)),
     }
+    if check_self:
+        found["self_selected"] = frozenset(workload.name for workload in chosen if discovery.selects_self(workload))
+    return found
 
 
 def _read_irqbalance(fs: hostfs.HostFS) -> tuple[irqbalance.Found, ...]:

@@ -3,9 +3,9 @@
 Two ways to name a workload's processes (all criteria given must match):
 
 - node-local (``agentlat`` on one machine): ``processSelector`` — ``comm`` and ``cmdline`` are regexes
-  (``re.search``) over the process's comm and its NUL-joined-by-space command line, ``cgroup`` is a glob
-  (``fnmatch``) over any of its cgroup paths from ``/proc/PID/cgroup``. Kernel threads, zombies and the
-  agent itself are never workloads.
+  (RE2, ``re.search`` semantics: linear time) over the process's comm and its NUL-joined-by-space command
+  line, ``cgroup`` is a glob (``fnmatch``) over any of its cgroup paths from ``/proc/PID/cgroup``. Kernel
+  threads, zombies and the agent itself are never workloads.
 - cluster (the node agent): ``podSelector`` is resolved against the API server by the agent, which knows
   the pods on its node. It hands the result to the host model as a :class:`Selection` — pod UIDs per
   workload name (``agent.selection`` builds it from the pods it watches) — with
@@ -38,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from agentlat.operator.model import patterns, policy
 from agentlat.tuners.kernel import cpulist, hostfs, taskattrs
@@ -101,7 +101,6 @@ class Process:
     pid: int
     start: int
     comm: str
-    cmdline: str
     cgroups: tuple[Cgroup, ...]  # the directories holding it: v2 first, then v1 cpu, blkio, cpuset
     threads: tuple[Task, ...]
     pod: str | None = None  # pod UID in cluster mode
@@ -234,7 +233,7 @@ def may_select(workload: policy.Workload, comm: str) -> bool:
     """Whether a process named ``comm`` may be one of ``workload``'s, by its comm alone: a caller can skip
     reading the rest of a process that cannot be."""
     selector = workload.process_selector
-    return selector is None or selector.comm is None or re.search(selector.comm, comm) is not None
+    return selector is None or selector.comm is None or patterns.search(selector.comm, comm)
 
 
 # --- discovery -----------------------------------------------------------------------------------------
@@ -278,7 +277,8 @@ class Discovery:
         if pods is not None:
             if not pods:
                 return Found(workload.name, (), "no pod on this node matches podSelector")
-            found = tuple(p for uid in sorted(pods) for p in self._pod_processes(uid) if _selected(p, selector))
+            found = tuple(p for uid in sorted(pods) for p in self._pod_processes(uid)
+                          if _selected(p, selector, self._cmdline))
             what = f"pods {', '.join(sorted(pods))}"
         else:
             budget = _Budget(SCAN_CPU_BUDGET_S)
@@ -340,13 +340,14 @@ class Discovery:
                 continue
             if comm is not None and not comm.search(stat.comm):
                 continue
-            args = self._cmdline(pid)
-            if args is None or (cmdline is not None and not cmdline.search(args)):
-                continue
+            if cmdline is not None:  # read only to be matched: a new process's first look at an entry is dear
+                args = self._cmdline(pid)
+                if args is None or not cmdline.search(args):
+                    continue
             paths = self._cgroup_paths(pid)
             if selector.cgroup is not None and not any(patterns.glob_match(p, selector.cgroup) for _, p in paths):
                 continue
-            process = self._process(pid, stat, args, self._cgroups_of(paths), None)
+            process = self._process(pid, stat, self._cgroups_of(paths), None)
             if process is not None:
                 yield process
 
@@ -364,7 +365,7 @@ class Discovery:
             stat = self._stat(f"proc/{pid}/stat")
             if stat is None or stat.state in "ZX" or stat.comm == "pause":
                 continue
-            process = self._process(pid, stat, self._cmdline(pid) or "", self._cgroups_at(path), uid)
+            process = self._process(pid, stat, self._cgroups_at(path), uid)
             if process is not None:
                 processes.append(process)
         return sorted(processes, key=lambda p: p.pid)
@@ -391,19 +392,22 @@ class Discovery:
         text = self.fs.read(f"{directory}/cgroup.procs") or ""
         return sorted({int(line) for line in text.split() if line.isdigit()})
 
-    def _process(self, pid: int, stat: Stat, args: str, groups: tuple[Cgroup, ...], pod: str | None) -> Process | None:
+    def _process(self, pid: int, stat: Stat, groups: tuple[Cgroup, ...], pod: str | None) -> Process | None:
         with self._lock:
             if (pid, pod) in self._processes:
                 return self._processes[pid, pod]
         threads = tuple(self._threads(pid))
-        process = Process(pid, stat.start, stat.comm, args, groups, threads, pod) if threads else None
+        process = Process(pid, stat.start, stat.comm, groups, threads, pod) if threads else None
         with self._lock:
             self._processes[pid, pod] = process
         return process
 
     def _live_tasks(self, pid: int) -> Iterator[tuple[int, Stat]]:
-        """(tid, stat) of each thread of ``pid`` that is neither a zombie nor dead."""
-        for name in self.fs.listdir(f"proc/{pid}/task"):
+        """(tid, stat) of each thread of ``pid`` that is neither a zombie nor dead. A process with one thread
+        (every process just after exec) has only its leader: no listing of its task directory."""
+        process = self._stat(f"proc/{pid}/stat")
+        names = [str(pid)] if process is not None and process.threads == 1 else self.fs.listdir(f"proc/{pid}/task")
+        for name in names:
             if not name.isdigit():
                 continue
             stat = self._stat(f"proc/{pid}/task/{name}/stat")
@@ -447,11 +451,11 @@ class Discovery:
 
     def _cgroups_of(self, paths: list[tuple[str, str]]) -> tuple[Cgroup, ...]:
         groups = []
+        # a path relative to another cgroup namespace (with "..") cannot be placed on this root
+        placeable = [(names, frozenset(names.split(",")) if names else frozenset(), path) for names, path in paths
+                     if ".." not in path.split("/")]
         for hierarchy in _preferred(self.hierarchies()):
-            for names, path in paths:
-                if ".." in path.split("/"):
-                    continue  # relative to another cgroup namespace: cannot be placed on this root
-                wanted = frozenset(names.split(",")) if names else frozenset()
+            for names, wanted, path in placeable:
                 if (hierarchy.version == 2 and not names) or (hierarchy.version == 1 and wanted == hierarchy.names):
                     group = self._cgroup(hierarchy, path)
                     if group is not None:
@@ -513,12 +517,12 @@ def _preferred(hierarchies: list[Hierarchy]) -> list[Hierarchy]:
     return order
 
 
-def _selected(process: Process, selector: policy.ProcessSelector | None) -> bool:
+def _selected(process: Process, selector: policy.ProcessSelector | None, cmdline: Callable[[int], str | None]) -> bool:
     if selector is None:
         return True
     if selector.comm is not None and not patterns.search(selector.comm, process.comm):
         return False
-    if selector.cmdline is not None and not patterns.search(selector.cmdline, process.cmdline):
+    if selector.cmdline is not None and not patterns.search(selector.cmdline, cmdline(process.pid) or ""):
         return False
     return selector.cgroup is None or any(patterns.glob_match(g.path, selector.cgroup) for g in process.cgroups)
 

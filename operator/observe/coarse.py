@@ -7,6 +7,7 @@ not running) of chosen tasks from /proc/PID/task/TID/schedstat.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import threading
 import time
@@ -119,9 +120,10 @@ def _waits(before: Sample, after: Sample) -> list[float]:
 
 def tasks_of(root: pathlib.Path, pids: Iterable[int]) -> list[int]:
     tids = []
+    proc = os.path.join(root, "proc")
     for pid in pids:
         try:
-            tids += [int(entry.name) for entry in (root / f"proc/{pid}/task").iterdir() if entry.name.isdigit()]
+            tids += [int(name) for name in os.listdir(f"{proc}/{pid}/task") if name.isdigit()]
         except OSError:
             continue
     return tids

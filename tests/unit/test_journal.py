@@ -243,3 +243,21 @@ def test_journals_opened_at_once_on_a_new_state_dir_all_open(tmp_path: pathlib.P
     # 150 rounds of 8: without the fix this failed in each of 5 runs (2-9 of 1200 opens), in about 5 s.
     for attempt in range(150):
         assert open_together(tmp_path / f"s{attempt}", 8) == [], attempt
+
+
+def test_forget_tasks_drops_exactly_the_exited_threads_rows(open_journal: Opener) -> None:
+    """By prefix: PID 12 is not PID 123, thread 12/13 is not thread 12/130, and another boot's rows stay."""
+    j = open_journal()
+    other_boot = open_journal("boot-b")
+    targets = ["task/12/12@5/nice", "task/12/13@6/affinity", "task/12/130@7/nice", "task/123/123@8/nice",
+               "task/1/1@1/nice"]
+    j.record_originals([("sched", target, "0", "1", "p", 1) for target in targets])
+    other_boot.record_originals([("sched", "task/12/12@5/nice", "0", "1", "p", 1)])
+    j.record_original("irq", IRQ41, "0-7", "0-1", "p", 1)
+
+    j.forget_tasks([(12, 13)])
+    assert [e.target for e in j.task_entries()] == [t for t in targets if t != "task/12/13@6/affinity"]
+    j.forget_tasks([(12, None), (1, None)])
+    assert [e.target for e in j.task_entries()] == ["task/123/123@8/nice"]
+    assert [e.target for e in other_boot.task_entries()] == ["task/12/12@5/nice"]
+    assert [e.target for e in j.entries()] == ["task/123/123@8/nice", IRQ41]

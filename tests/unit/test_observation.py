@@ -40,7 +40,7 @@ spec:
 def process(pid: int) -> workloads.Process:
     attrs = taskattrs.SchedAttrs("other", 0, False, 0, None, None, frozenset())
     thread = workloads.Task(pid, pid, 1, "cyclictest", attrs)
-    return workloads.Process(pid, 1, "cyclictest", "cyclictest", (), (thread,))
+    return workloads.Process(pid, 1, "cyclictest", (), (thread,))
 
 
 def found(*pids: int) -> dict[str, workloads.Found]:

@@ -37,3 +37,20 @@ def test_other_kinds_acks_and_truncated_messages_are_dropped() -> None:
     assert procevents._ack(message(procevents.PROC_EVENT_NONE, struct.pack("=I", 1), ack=1)) == 1
     assert procevents._ack(message(procevents.PROC_EVENT_NONE, struct.pack("=I", 0))) is None  # not an answer
     assert procevents._ack(uid) is None
+
+
+def test_a_full_size_message_alone_parses_as_it_does_among_others() -> None:
+    """The kernel sends each event alone, its union at full size (24 bytes): that datagram takes the
+    one-unpack path, and must give what the general walk over several messages gives."""
+    payloads = [(procevents.PROC_EVENT_FORK, struct.pack("=IIII", 20, 21, 22, 22)),
+                (procevents.PROC_EVENT_EXEC, struct.pack("=II", 23, 24)),
+                (procevents.PROC_EVENT_COMM, struct.pack("=II", 25, 26) + b"procev-agent\0\0\0\0"),
+                (procevents.PROC_EVENT_EXIT, struct.pack("=IIIIII", 27, 28, 9, 17, 29, 30)),
+                (0x4, struct.pack("=IIII", 1, 1, 0, 0))]
+    alone = [message(what, payload.ljust(24, b"\0"), stamp=99) for what, payload in payloads]
+    assert {len(data) for data in alone} == {76}
+    walked = procevents.parse(b"".join(alone))
+    assert [event for data in alone for event in procevents.parse(data)] == walked
+    assert [(e.kind, e.tid, e.pid, e.parent_tid, e.parent_pid, e.comm, e.stamp_ns) for e in walked] == [
+        ("fork", 22, 22, 20, 21, "", 99), ("exec", 23, 24, 0, 0, "", 99), ("comm", 25, 26, 0, 0, "procev-agent", 99),
+        ("exit", 27, 28, 29, 30, "", 99)]

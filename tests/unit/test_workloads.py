@@ -40,7 +40,6 @@ def test_node_local_selectors_must_all_match(node: pathlib.Path) -> None:
     agent = found.processes[0]
     assert [(t.tid, t.comm, t.start) for t in agent.threads] == [(4100, "agent-loop", 5100), (4101, "agent-io", 5101),
                                                                   (4102, "agent-io", 5102)]
-    assert agent.cmdline == "python3 -m agent --loop"
     assert discover(node, workload(process_selector=selector(comm="^agent", cmdline="--loop"))).processes
     missed = discover(node, workload(process_selector=selector(comm="^agent", cmdline="--serve")))
     assert not missed.processes and "no running process matches" in (missed.note or "")
@@ -189,7 +188,12 @@ def test_node_local_reads_details_only_of_candidates(tmp_path: pathlib.Path) -> 
     host.read(root, fs, wanted=[workload(process_selector=selector(comm="^agent-loop$"))])
     workers = {rel for rel in fs.files if rel.startswith("proc/10")}
     assert workers == {f"proc/{1000 + i}/stat" for i in range(50)}, "non-candidates: /proc/PID/stat only"
-    assert {"proc/4100/cmdline", "proc/4100/cgroup", "proc/4100/task/4101/stat"} <= fs.files
+    assert {"proc/4100/cgroup", "proc/4100/task/4101/stat"} <= fs.files
+    assert "proc/4100/cmdline" not in fs.files, "no cmdline pattern: nothing to match it against"
+    fs = hostfs.HostFS(root, record=True)
+    host.read(root, fs, wanted=[workload(process_selector=selector(comm="^agent-loop$", cmdline="--loop"))])
+    assert "proc/4100/cmdline" in fs.files and not {rel for rel in fs.files if rel.startswith("proc/10")} - {
+        f"proc/{1000 + i}/stat" for i in range(50)}
 
 
 def test_cluster_mode_reads_only_the_pods_processes(tmp_path: pathlib.Path) -> None:

@@ -48,6 +48,9 @@ _IDS = struct.Struct("=II")
 _FORK = struct.Struct("=IIII")
 _EXIT = struct.Struct("=IIIIII")
 _BODY = _NLMSGHDR.size + _CN_MSG.size
+# nlmsghdr, cn_msg, then struct proc_event: what, cpu, timestamp and the event_data union, whose largest
+# members (exit, comm) are six u32s (comm: two u32s and a 16-byte name)
+_WHOLE = struct.Struct("=IHHII" "IIIIHH" "IIQ" "IIIIII")
 
 Kind = Literal["fork", "exec", "comm", "exit"]
 
@@ -179,6 +182,8 @@ class ProcEventSocket:
 
 def parse(data: bytes) -> list[Event]:
     """The fork/exec/comm/exit events in one datagram (several netlink messages may share it)."""
+    if len(data) == _WHOLE.size:  # what the kernel sends: one event per datagram, the union at full size
+        return _whole(data)
     events: list[Event] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(data):
@@ -190,6 +195,22 @@ def parse(data: bytes) -> list[Event]:
             events.append(event)
         offset += (length + 3) & ~3
     return events
+
+
+def _whole(data: bytes) -> list[Event]:
+    """One full-size message, unpacked at once: a fork storm is tens of thousands of these a second."""
+    length, *_, what, _cpu, stamp, a, b, c, d, e, f = _WHOLE.unpack(data)
+    if length != _WHOLE.size:
+        return []
+    if what == PROC_EVENT_EXEC:
+        return [Event("exec", a, b, stamp)]
+    if what == PROC_EVENT_EXIT:
+        return [Event("exit", a, b, stamp, e, f)]
+    if what == PROC_EVENT_FORK:
+        return [Event("fork", c, d, stamp, a, b)]
+    if what == PROC_EVENT_COMM:
+        return [Event("comm", a, b, stamp, comm=data[-16:].split(b"\0", 1)[0].decode(errors="replace"))]
+    return []
 
 
 def _event(body: bytes) -> Event | None:

@@ -255,8 +255,12 @@ class RealBackend:
     def set_affinity(self, pid: int, tid: int, cpus: cpulist.CpuSet) -> None:
         """A mask equal to the task's whole cpuset is written as "every possible CPU": the kernel keeps
         the requested mask (user_cpus_ptr) and intersects it with later cpusets, so restoring "2-3" when
-        the task merely had all of its cpuset 2-3 would freeze it there when kubelet widens the pool."""
-        allowed = self._cpuset_cpus(pid)
+        the task merely had all of its cpuset 2-3 would freeze it there when kubelet widens the pool.
+        A task's mask lies within its cpuset, so a mask that leaves out part of it is not the whole cpuset:
+        the cpuset is read only for a mask that may be."""
+        with _gone_as_esrch():
+            now = frozenset(os.sched_getaffinity(tid))
+        allowed = self._cpuset_cpus(pid) if now <= cpus else None
         if allowed is not None and cpus == allowed:
             possible = self._possible()
             cpus = possible if possible and cpus <= possible else cpus
