@@ -36,6 +36,7 @@ NAME = "sched"
 KEEP = "keep"
 SLICE_KERNEL = (6, 12)  # sched_setattr's sched_runtime sets the EEVDF slice of fair tasks from 6.12
 MAX_RT_PRIORITY = 49
+EXACT_WRITES = frozenset({"nice", "policy"})  # the syscall sets the value given or fails: nothing to read back
 # (root, pid, tid, start) of threads whose identity this batch checked (see identities_once)
 _checked: contextvars.ContextVar[set[tuple[str, int, int, int]] | None] = contextvars.ContextVar(
     "agentlat_sched_checked", default=None)
@@ -124,7 +125,10 @@ class SchedTuner:
             raise base.Unsupported(str(exc)) from exc
 
     def verify(self, root: pathlib.Path, target: str, desired: str) -> str | None:
-        if desired.strip() == KEEP:
+        """Read back what the kernel may have changed (a timer slack, an affinity intersected with the cpuset);
+        setpriority and sched_setscheduler set exactly what they are given or fail, so a nice or policy
+        write that returned is not read again."""
+        if desired.strip() == KEEP or target.rsplit("/", 1)[-1] in EXACT_WRITES:
             return None
         current = self.read(root, target)
         return None if self.same(target, current, desired) else current

@@ -175,20 +175,22 @@ def _apply_one(action: plan.Action, ctx: context.Context, journal: journal.Journ
 
 
 def apply_new(actions: Iterable[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
-              *, policy: str, generation: int, originals: Mapping[str, str | None] | None = None) -> Report:
+              *, policy: str, generation: int, originals: Mapping[str, str | None] | None = None,
+              outcomes_later: bool = False) -> Report:
     """Apply actions on things that just appeared (processes the daemon saw start), releasing nothing.
     Every original is journaled in one commit before the first write (still write-ahead: a crash after it
     reverts whatever was written); outcomes follow in one commit. The original is the action's ``current``,
     which the caller's plan read from the live host moments before (it plans against no journal), and is
     read again only where the plan has none. ``originals``, by target, are journaled in place of either:
     what a new task held before it inherited a value an earlier apply gave its parent. The whole batch is
-    one :func:`registry.batch` (a thread's identity is checked once, not before every read and write)."""
+    one :func:`registry.batch` (a thread's identity is checked once, not before every read and write).
+    ``outcomes_later``: the outcomes go with the journal's next commit (see ``Journal.record_outcomes``)."""
     with registry.batch():
-        return _apply_new(list(actions), ctx, journal, root, policy, generation, originals or {})
+        return _apply_new(list(actions), ctx, journal, root, policy, generation, originals or {}, outcomes_later)
 
 
 def _apply_new(actions: list[plan.Action], ctx: context.Context, journal: journal.Journal, root: pathlib.Path,
-               policy: str, generation: int, originals: Mapping[str, str | None]) -> Report:
+               policy: str, generation: int, originals: Mapping[str, str | None], outcomes_later: bool) -> Report:
     results: list[Result] = []
     ready: list[tuple[plan.Action, base.Tuner, str]] = []
     for action in actions:
@@ -215,7 +217,7 @@ def _apply_new(actions: list[plan.Action], ctx: context.Context, journal: journa
             continue
         journaled.append(_verified(tuner, root, action.target, action.desired, original, "Applied"))
         writes += 1
-    journal.record_outcomes([(r.tuner, r.target, r.outcome, r.detail) for r in journaled])
+    journal.record_outcomes([(r.tuner, r.target, r.outcome, r.detail) for r in journaled], later=outcomes_later)
     return Report(tuple(results + journaled), writes)
 
 

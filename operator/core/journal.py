@@ -52,6 +52,7 @@ CREATE TABLE IF NOT EXISTS originals (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS originals_by_target ON originals (target, boot_id);  -- exited tasks, by prefix
 """
+_OUTCOMES = "UPDATE originals SET outcome = ?, detail = ? WHERE tuner = ? AND target = ? AND boot_id = ?"
 _UPSERT = (
     "INSERT INTO originals (tuner, target, boot_id, original, desired, policy, generation, recorded_at, updated_at)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tuner, target, boot_id) DO UPDATE SET desired = excluded.desired,"
@@ -110,6 +111,7 @@ class Journal:
         self._conn = conn
         self._clock = clock
         self._lock = threading.Lock()
+        self._later: list[tuple[Any, ...]] = []  # outcome rows for the next commit (record_outcomes(later=True))
 
     @classmethod
     def open(
@@ -169,6 +171,8 @@ class Journal:
         return len(rows)
 
     def close(self) -> None:
+        with contextlib.suppress(JournalError, sqlite3.Error):
+            self.flush()
         with self._lock:
             self._conn.close()
 
@@ -244,19 +248,38 @@ class Journal:
             self._unsynced(_UPSERT, values)
             return
         with self._lock:
+            later, self._later = self._later, []
             self._conn.execute("BEGIN IMMEDIATE")
             try:
+                if later:
+                    self._conn.executemany(_OUTCOMES, later)
                 self._conn.executemany(_UPSERT, values)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
-    def record_outcomes(self, rows: list[tuple[str, str, str, str]]) -> None:
+    def record_outcomes(self, rows: list[tuple[str, str, str, str]], *, later: bool = False) -> None:
         """Many (tuner, target, outcome, detail) in one transaction, not fsynced: an outcome lost in a
-        crash only leaves its original to revert, which is what the original is for."""
-        self._unsynced("UPDATE originals SET outcome = ?, detail = ? WHERE tuner = ? AND target = ? AND boot_id = ?",
-                       [(outcome, detail, tuner, target, self.boot_id) for tuner, target, outcome, detail in rows])
+        crash only leaves its original to revert, which is what the original is for. ``later``: kept in
+        memory and committed with this connection's next write (or :meth:`flush`), which saves a writer
+        that commits every few milliseconds (the process-event listener) a commit per batch; meanwhile
+        other connections see these rows with no outcome, which drift leaves alone."""
+        values = [(outcome, detail, tuner, target, self.boot_id) for tuner, target, outcome, detail in rows]
+        if later:
+            with self._lock:
+                self._later += values
+            return
+        self._unsynced(_OUTCOMES, values)
+
+    def flush(self) -> None:
+        """Commit the outcomes kept for later."""
+        self._unsynced(_OUTCOMES, [])
+
+    def unflushed(self) -> bool:
+        """Whether outcomes kept for later wait for a commit."""
+        with self._lock:
+            return bool(self._later)
 
     def forget_tasks(self, tasks: list[tuple[int, int | None]]) -> None:
         """Forget every ``task/PID/TID@...`` target of exited threads ((pid, None): the whole process), in
@@ -266,14 +289,18 @@ class Journal:
                         for pid, tid in tasks])
 
     def _unsynced(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
         with self._lock:
+            later, self._later = self._later, []
+            if not rows and not later:
+                return
             self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._conn.executemany(sql, rows)
+                    if later:
+                        self._conn.executemany(_OUTCOMES, later)
+                    if rows:
+                        self._conn.executemany(sql, rows)
                 except BaseException:
                     self._conn.execute("ROLLBACK")
                     raise
@@ -299,6 +326,7 @@ class Journal:
 
     def forget(self, tuner: str, target: str) -> None:
         """Drop the entry once its original has been written back."""
+        self.flush()
         self._append({"op": "forget", "tuner": tuner, "target": target, "boot": self.boot_id})
         self._execute(
             "DELETE FROM originals WHERE tuner = ? AND target = ? AND boot_id = ?",

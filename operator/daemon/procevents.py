@@ -389,9 +389,14 @@ class Listener:
                 settle = self._since + self.options.settle if self._pending() else math.inf
                 urgent = self._urgent_since + self.options.coalesce if self._urgent_since is not None else math.inf
                 wake = min(settle, urgent, next_strays, next_scan if self._source is None else math.inf)
-                if wake > now + EARLY:
+                idle = wake > now + EARLY
+                unflushed = idle and urgent == math.inf and self._own is not None and self._own.unflushed()
+                if idle and not unflushed:
                     self._cv.wait(min(1.0, wake - now))
                     continue
+            if unflushed and self._own is not None:  # nothing due soon: commit the outcomes kept for later
+                self._guard(self._own.flush)
+                continue
             if self._full_running():
                 time.sleep(self.options.full_wait)
             elif settle <= now + EARLY:
@@ -494,8 +499,8 @@ class Listener:
         originals = self._inherit(log, known, forks or {}, actions, effective.name, generation or 0)
         if not actions:
             return
-        report = engine.apply_new(actions, context.Context("procevents"), log, self.root,
-                                  policy=effective.name, generation=generation or 0, originals=originals)
+        report = engine.apply_new(actions, context.Context("procevents"), log, self.root, policy=effective.name,
+                                  generation=generation or 0, originals=originals, outcomes_later=True)
         tuned_ns = time.monotonic_ns()
         desired = {(a.tuner, a.target): a.desired for a in actions}
         for result in report.results:
@@ -511,8 +516,8 @@ class Listener:
                 self.samples.append(max(0, tuned_ns - looks[pid].stamp_ns) / 1e9)
             self.counts["tuned"] += len(applied)
         if self._metrics is not None:
-            for result in report.results:
-                self._metrics.actions.labels(result.outcome, result.tuner).inc()
+            for (outcome, tuner), count in collections.Counter((r.outcome, r.tuner) for r in report.results).items():
+                self._metrics.actions.labels(outcome, tuner).inc(count)
 
     def _journal(self) -> journal.Journal:
         """The listener's own connection to the daemon's journal: its data_version moves only with what the

@@ -261,3 +261,19 @@ def test_forget_tasks_drops_exactly_the_exited_threads_rows(open_journal: Opener
     assert [e.target for e in j.task_entries()] == ["task/123/123@8/nice"]
     assert [e.target for e in other_boot.task_entries()] == ["task/12/12@5/nice"]
     assert [e.target for e in j.entries()] == ["task/123/123@8/nice", IRQ41]
+
+
+def test_outcomes_kept_for_later_go_with_the_next_commit_or_a_flush(open_journal: Opener) -> None:
+    j, reader = open_journal(), open_journal()
+    j.record_originals([("sched", f"task/{pid}/{pid}@1/nice", "0", "-5", "p", 1) for pid in (5, 6)])
+    j.record_outcomes([("sched", "task/5/5@1/nice", "Applied", "")], later=True)
+    assert j.unflushed() and [e.outcome for e in reader.task_entries()] == [None, None], "not committed yet"
+    j.forget_tasks([(6, None)])  # the next commit carries them
+    assert not j.unflushed() and [(e.target, e.outcome) for e in reader.task_entries()] == [
+        ("task/5/5@1/nice", "Applied")]
+    j.record_outcomes([("sched", "task/5/5@1/nice", "Contested", "read back 0")], later=True)
+    j.flush()
+    assert [(e.outcome, e.detail) for e in reader.task_entries()] == [("Contested", "read back 0")]
+    j.record_outcomes([("sched", "task/5/5@1/nice", "Applied", "")], later=True)
+    j.close()
+    assert [e.outcome for e in reader.task_entries()] == ["Applied"], "closing commits them"
