@@ -2,15 +2,17 @@
 off the agent CPUs) the moment it starts, not at the next resync.
 
 Two threads. The *reader* drains the kernel's proc connector (:mod:`agentlat.tuners.kernel.procevents`)
-``coalesce`` after the socket turns readable and only records, under a lock, what each PID needs: a look
-(exec, comm change, a new process or thread) stamped with the earliest event behind it, a fork (who forked
-whom) or forgetting (exit). It never writes, so a burst never blocks it; events for one PID coalesce into
-one entry, and an exit drops the PID's pending look. The *worker* runs two kinds of batch:
+every ``coalesce`` while events come and records, under a lock, what each PID needs: a look (exec, comm
+change, a new process or thread) stamped with the earliest event behind it, a fork (who forked whom) or
+forgetting (exit). Events for one PID coalesce into one entry, and an exit drops the PID's pending look.
+It also *triages*: an exec or rename at least half of ``coalesce`` old costs one /proc/PID/stat read, and
+only a process a workload may select by its comm (or, isolating, one with a thread on an agent CPU) is
+marked ready for the worker. Most of a fork+exec storm is /bin/true-like processes that no selector
+names: they cost one read, or nothing when they exited first. The reader only reads, so a burst never
+blocks it on a write. The *worker* wakes for two kinds of batch:
 
-- *triage*, ``coalesce`` after an exec or rename: each such PID's /proc/PID/stat is read, and only one a
-  workload may select by its comm (or, isolating, one with a thread on an agent CPU) is handled now, with
-  its forks and the exits of an earlier process under its PID. Most of a fork+exec storm is /bin/true-like
-  processes that no selector names: they cost one read, or nothing when they exited first.
+- *ready*: the processes triage found worth planning, with their forks and the exits of an earlier
+  process under their PIDs, at once;
 - *settle*, at most ``settle`` after anything else became pending: everything left, in one batch.
 
 A batch forgets the journal rows of exited threads (the journal does not grow with churn), plans the sched,
@@ -26,7 +28,8 @@ journal rows its plan does not name, which must not include rows written meanwhi
 
 Where the connector is unavailable (no CAP_NET_ADMIN before Linux 6.7, a PID or user namespace other
 than the initial ones, a kernel without CONFIG_PROC_EVENTS) the reason is reported as Degraded and the
-worker scans /proc every ``scan_interval`` seconds for new PIDs and changed comms instead. A receive
+worker scans /proc every ``scan_interval`` seconds for new PIDs and changed comms instead (and triages
+them itself). A receive
 buffer overflow (ENOBUFS) asks the daemon for a full resync. With ``isolation.moveThreads`` the worker
 also checks every ``stray_interval`` seconds that no movable thread sits on an agent CPU, reports what it
 found and moves it.
@@ -80,6 +83,8 @@ class _Pending:
     stamp_ns: int  # the kernel's CLOCK_MONOTONIC of the earliest event behind this look
     urgent: bool  # an exec or rename not yet triaged: the process may have become a workload's
     events: int = 1
+    ready: bool = False  # triaged: worth planning now, by the worker
+    stat: str | None = None  # the /proc/PID/stat triage read, for the worker's batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +162,13 @@ class ProcFS(hostfs.HostFS):
         """A new batch: what was read for the last one is stale."""
         self._read_once.clear()
 
+    def preload(self, rel: str, text: str) -> None:
+        """What another reader of this batch's processes read a moment ago (triage's stat)."""
+        self._read_once[rel] = text
+
+    def cached(self, rel: str) -> str | None:
+        return self._read_once.get(rel)
+
     def listdir(self, rel: str) -> list[str]:
         where = rel.strip("/")
         if where == "proc":
@@ -224,6 +236,7 @@ class Listener:
         self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
         self._since = 0.0  # when the first of the pending events happened
         self._urgent_since: float | None = None  # when the first exec or rename not yet triaged happened
+        self._ready = False  # a triaged look waits for the worker
         self._own: journal.Journal | None = None
         self._rows: _TaskRows | None = None
         self._stop = threading.Event()
@@ -232,6 +245,8 @@ class Listener:
         self._source: kernel.ProcEventSocket | None = None
         self._template: _Template | None = None
         self._fs = ProcFS(root, frozenset())  # the worker's: its pids are the batch's
+        self._triage_fs = ProcFS(root, frozenset())  # whoever triages (the reader, or the scanning worker)
+        self._sorting: tuple[policy.Policy, int | None, plan.Cpus] | None = None  # what triage decides by
         self._known: dict[int, str] = {}  # fallback scan: pid -> comm at the last look
         self._cgroups: dict[str, workloads.Cgroup | None] = {}  # re-read every stray_interval
         # reported
@@ -304,7 +319,7 @@ class Listener:
 
     def feed(self, events: Iterable[kernel.Event]) -> None:
         """Record what each event asks for; never blocks on anything but this short lock. The worker is woken
-        only when its next deadline moves closer (the first pending event, the first exec or rename)."""
+        only when its settle deadline starts (the first pending event): execs and renames go to triage."""
         now = time.monotonic()
         with self._cv:
             wake = fresh = not self._pending()
@@ -324,7 +339,7 @@ class Listener:
                     continue
                 urgent = event.kind != "fork"
                 if urgent and self._urgent_since is None:
-                    self._urgent_since, wake = when, True
+                    self._urgent_since = when
                 if event.kind == "fork":
                     self._forks[event.tid] = (event.pid, event.parent_pid, event.parent_tid)
                 pending = self._looks.get(event.pid)
@@ -334,26 +349,26 @@ class Listener:
                 pending.events += 1
                 self.counts["coalesced"] += 1
                 if urgent:  # the exec or rename is what the look is for: latency counts from it
-                    pending.stamp_ns, pending.urgent = event.stamp_ns, True
+                    pending.stamp_ns, pending.urgent, pending.stat = event.stamp_ns, True, None
             if wake:
                 self._cv.notify()
 
     def _read(self) -> None:
-        """Wait for the first event, then read every ``coalesce`` for as long as events keep coming: under
-        churn, one sleep per batch of events instead of a poll and a sleep (each wake-up costs more than
-        the events it reads)."""
+        """Wait for the first event, then every ``coalesce``: read what came and triage the execs and renames
+        at least half of ``coalesce`` old, for as long as events come or execs wait. Under churn that is one
+        wake-up per batch of events (each costs more than the events it reads), and the worker wakes only
+        for a process worth planning, not for every exec of a /bin/true."""
         assert self._source is not None
         _prioritize()
         poller = select.poll()
         for fd in (self._source.fileno(), self._wake_r):
             poller.register(fd, select.POLLIN)
         while not self._stop.is_set():
-            if not poller.poll(1000) or self._stop.is_set():
+            if self._urgent_since is None and (not poller.poll(1000) or self._stop.is_set()):
                 continue
-            while not self._stop.is_set():
-                time.sleep(self.options.coalesce)  # by when the first exec read is due: the worker triages at once
-                if not self._drain():
-                    break
+            time.sleep(self.options.coalesce)
+            self._drain()
+            self._guard(lambda: self._sort(time.monotonic_ns() - int(self.options.coalesce * 5e8)))
 
     def _drain(self) -> bool:
         """Feed what the socket holds; whether there was anything."""
@@ -387,10 +402,13 @@ class Listener:
                 self._guard(self._check_strays)
             with self._cv:
                 settle = self._since + self.options.settle if self._pending() else math.inf
-                urgent = self._urgent_since + self.options.coalesce if self._urgent_since is not None else math.inf
-                wake = min(settle, urgent, next_strays, next_scan if self._source is None else math.inf)
+                urgent = math.inf  # the reader triages; without one, the worker does
+                if self._source is None and self._urgent_since is not None:
+                    urgent = self._urgent_since + self.options.coalesce
+                ready = now if self._ready else math.inf
+                wake = min(settle, ready, urgent, next_strays, next_scan if self._source is None else math.inf)
                 idle = wake > now + EARLY
-                unflushed = idle and urgent == math.inf and self._own is not None and self._own.unflushed()
+                unflushed = idle and self._urgent_since is None and self._own is not None and self._own.unflushed()
                 if idle and not unflushed:
                     self._cv.wait(min(1.0, wake - now))
                     continue
@@ -401,8 +419,10 @@ class Listener:
                 time.sleep(self.options.full_wait)
             elif settle <= now + EARLY:
                 self._guard(self.settle)
+            elif ready <= now:
+                self._guard(self._act)
             elif urgent <= now + EARLY:
-                self._guard(self._triage)
+                self._guard(self.triage)
 
     def _pending(self) -> bool:
         return bool(self._looks or self._exits or self._forks)
@@ -413,41 +433,77 @@ class Listener:
             looks, self._looks = self._looks, {}
             exits, self._exits = self._exits, []
             forks, self._forks = self._forks, {}
-            self._urgent_since = None
+            self._urgent_since, self._ready = None, False
         self._fs.begin()
+        for pid, pending in looks.items():
+            if pending.stat is not None:
+                self._fs.preload(f"proc/{pid}/stat", pending.stat)
         if looks or exits or forks:
             self.handle(looks, exits, forks)
 
-    def _triage(self) -> None:
-        """Execs and renames: a process that may need an action (one a workload may select, or one on an
-        agent CPU when isolating) is handled now, with its forks and the exits of an earlier process under
-        its PID; the rest waits for the settle batch, by when most of it has exited and costs nothing."""
+    def triage(self) -> None:
+        """Triage every exec and rename now and handle what is worth it (the scanning worker's way, and
+        what a test drives)."""
+        self._sort(None)
+        self._act()
+
+    def _sort(self, due_ns: int | None) -> None:
+        """Triage the execs and renames stamped at or before ``due_ns`` (None: all): one /proc/PID/stat read
+        each, and only a process that may need an action (one a workload may select, or one on an agent CPU
+        when isolating) is marked ready for the worker, which handles it with its forks and the exits of an
+        earlier process under its PID. The rest is forgotten (its forks and exits wait for the settle batch,
+        by when most of it has exited and costs nothing). Reads only: the reader runs it between reads."""
         with self._cv:
-            urgent = [pid for pid, pending in self._looks.items() if pending.urgent]
+            urgent = [pid for pid, pending in self._looks.items()
+                      if pending.urgent and (due_ns is None or pending.stamp_ns <= due_ns)]
             for pid in urgent:
                 self._looks[pid].urgent = False
-            self._urgent_since = None
-        effective, generation = self._desired()
-        template = self._model_template(effective, generation) if effective is not None else None
-        if effective is None or effective.mode == "DryRun" or template is None:
+            left = [pending.stamp_ns for pending in self._looks.values() if pending.urgent]
+            self._urgent_since = min(left) / 1e9 if left else None
+        if not urgent:
             return
-        self._fs.begin()
-        ready = {pid for pid in urgent if _worth_planning(effective, template.cpus, self._fs, pid)}
+        effective, generation = self._desired()
+        sorting = self._sorting
+        if effective is None or effective.mode == "DryRun":
+            return
+        fs = self._triage_fs
+        fs.begin()
+        if sorting is None or sorting[0] is not effective or sorting[1] != generation:
+            ready = set(urgent)  # no plan for this policy yet: the worker makes one and decides
+        else:
+            ready = {pid for pid in urgent if _worth_planning(effective, sorting[2], fs, pid)}
         with self._cv:
-            for pid in urgent:  # looked at and not worth it: the settle batch would only read it again
+            for pid in urgent:
                 pending = self._looks.get(pid)
-                if pid not in ready and pending is not None and not pending.urgent:
+                if pending is None or pending.urgent:
+                    continue  # gone meanwhile, or exec'd again: triaged afresh
+                if pid in ready:
+                    pending.ready, pending.stat = True, fs.cached(f"proc/{pid}/stat")
+                else:  # looked at and not worth it: the settle batch would only read it again
                     del self._looks[pid]
-            if not ready:
+            if ready:
+                self._ready = True
+                self._cv.notify()
+
+    def _act(self) -> None:
+        """Handle the looks triage found worth planning, with their forks and exits."""
+        with self._cv:
+            self._ready = False
+            looks = {pid: pending for pid, pending in self._looks.items() if pending.ready}
+            if not looks:
                 return
-            looks = {pid: self._looks.pop(pid) for pid in ready if pid in self._looks}
+            for pid in looks:
+                del self._looks[pid]
             forks = {tid: fork for tid, fork in self._forks.items() if fork[0] in looks}
             for tid in forks:
                 del self._forks[tid]
             exits = [exit_ for exit_ in self._exits if exit_[0] in looks]
             self._exits = [exit_ for exit_ in self._exits if exit_[0] not in looks]
-        if looks:
-            self.handle(looks, exits, forks)
+        self._fs.begin()
+        for pid, pending in looks.items():
+            if pending.stat is not None:
+                self._fs.preload(f"proc/{pid}/stat", pending.stat)
+        self.handle(looks, exits, forks)
 
     def _guard(self, step: Callable[[], None]) -> None:
         try:
@@ -601,6 +657,7 @@ class Listener:
             logger.error("process events: cannot plan: %s", exc)
             return None
         self._template = _Template(key, base_host, cpus, tuple(workloads.Discovery(fs).hierarchies()))
+        self._sorting = (effective, generation, cpus)
         return self._template
 
     def _scan(self) -> None:

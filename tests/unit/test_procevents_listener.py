@@ -109,12 +109,15 @@ def test_a_child_triage_found_not_worth_planning_still_journals_what_it_inherite
         root: pathlib.Path, log: journal.Journal, listener: procevents.Listener) -> None:
     """Triage reads each exec'd PID once: one no workload can select and that sits off the agent CPUs is not
     looked at again by the settle batch, but its fork still is: it started where isolation put its parent."""
+    listener.feed(started(402, 999))
+    listener.triage()  # the first batch makes the plan (CPU split) triage decides by; 402 needs nothing
+    assert listener.counts["planned"] == 0 and rows(log, 402) == {}
     listener.feed(started(400, 200) + started(401, 200))
-    listener._triage()
+    listener.triage()
     assert listener.counts["planned"] == 1 and affinity(root, 401) == "6-7"
     assert rows(log, 400) == {}
     listener.settle()
-    assert listener.counts["planned"] == 1 and listener.counts["looks"] == 1, "400 was not looked at again"
+    assert listener.counts["planned"] == 1 and listener.counts["looks"] == 2, "400 was not looked at again"
     assert rows(log, 400) == {("isolation", "affinity"): "0-7"}
     assert engine.revert(context.Context(), log, root).complete
     assert [affinity(root, pid) for pid in (200, 400, 401)] == ["0-7", "0-7", "0-7"]
