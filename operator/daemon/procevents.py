@@ -236,6 +236,7 @@ class Listener:
         self._forks: dict[int, tuple[int, int, int]] = {}  # new task (tid) -> its pid, parent pid, parent tid
         self._since = 0.0  # when the first of the pending events happened
         self._urgent_since: float | None = None  # when the first exec or rename not yet triaged happened
+        self._untriaged: set[int] = set()  # the PIDs whose look is urgent
         self._ready = False  # a triaged look waits for the worker
         self._own: journal.Journal | None = None
         self._rows: _TaskRows | None = None
@@ -334,12 +335,15 @@ class Listener:
                     self._forks.pop(event.tid, None)
                     if whole:
                         dropped = self._looks.pop(event.pid, None)
+                        self._untriaged.discard(event.pid)
                         if dropped is not None and dropped.urgent:  # exec'd or renamed and gone before its look
                             self.counts["goneBeforeLook"] += 1
                     continue
                 urgent = event.kind != "fork"
-                if urgent and self._urgent_since is None:
-                    self._urgent_since = when
+                if urgent:
+                    self._untriaged.add(event.pid)
+                    if self._urgent_since is None:
+                        self._urgent_since = when
                 if event.kind == "fork":
                     self._forks[event.tid] = (event.pid, event.parent_pid, event.parent_tid)
                 pending = self._looks.get(event.pid)
@@ -363,12 +367,14 @@ class Listener:
         poller = select.poll()
         for fd in (self._source.fileno(), self._wake_r):
             poller.register(fd, select.POLLIN)
+        busy = False  # events came in the last ``coalesce``: more will, no need to wait for them
         while not self._stop.is_set():
-            if self._urgent_since is None and (not poller.poll(1000) or self._stop.is_set()):
+            if not busy and self._urgent_since is None and (not poller.poll(1000) or self._stop.is_set()):
                 continue
             time.sleep(self.options.coalesce)
-            self._drain()
-            self._guard(lambda: self._sort(time.monotonic_ns() - int(self.options.coalesce * 5e8)))
+            busy = self._drain()
+            if self._urgent_since is not None:
+                self._guard(lambda: self._sort(time.monotonic_ns() - int(self.options.coalesce * 5e8)))
 
     def _drain(self) -> bool:
         """Feed what the socket holds; whether there was anything."""
@@ -433,7 +439,7 @@ class Listener:
             looks, self._looks = self._looks, {}
             exits, self._exits = self._exits, []
             forks, self._forks = self._forks, {}
-            self._urgent_since, self._ready = None, False
+            self._urgent_since, self._ready, self._untriaged = None, False, set()
         self._fs.begin()
         for pid, pending in looks.items():
             if pending.stat is not None:
@@ -454,11 +460,11 @@ class Listener:
         earlier process under its PID. The rest is forgotten (its forks and exits wait for the settle batch,
         by when most of it has exited and costs nothing). Reads only: the reader runs it between reads."""
         with self._cv:
-            urgent = [pid for pid, pending in self._looks.items()
-                      if pending.urgent and (due_ns is None or pending.stamp_ns <= due_ns)]
+            urgent = [pid for pid in self._untriaged if due_ns is None or self._looks[pid].stamp_ns <= due_ns]
             for pid in urgent:
                 self._looks[pid].urgent = False
-            left = [pending.stamp_ns for pending in self._looks.values() if pending.urgent]
+            self._untriaged.difference_update(urgent)
+            left = [self._looks[pid].stamp_ns for pid in self._untriaged]
             self._urgent_since = min(left) / 1e9 if left else None
         if not urgent:
             return
@@ -494,6 +500,7 @@ class Listener:
                 return
             for pid in looks:
                 del self._looks[pid]
+            self._untriaged.difference_update(looks)
             forks = {tid: fork for tid, fork in self._forks.items() if fork[0] in looks}
             for tid in forks:
                 del self._forks[tid]
@@ -685,6 +692,7 @@ class Listener:
                 self._since = time.monotonic()
             for pid in changed:
                 self._looks.setdefault(pid, _Pending(now_ns, True)).urgent = True
+            self._untriaged.update(changed)
             self._exits += [(pid, tid) for pid, tid in gone]
 
     def _check_strays(self) -> None:

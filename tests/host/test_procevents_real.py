@@ -36,7 +36,15 @@ def collect(sock: procevents.ProcEventSocket, done: object, guard: float = GUARD
     raise AssertionError(f"no complete event sequence within {guard} s: {events[-10:]}")
 
 
-def test_fork_exec_comm_exit_of_a_child() -> None:
+@pytest.fixture(params=["recvmmsg", "recv"])
+def reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways to read: recvmmsg(2) batches, and one recv(2) per datagram where libc lacks recvmmsg."""
+    if request.param == "recv":
+        monkeypatch.setattr(procevents._Batch, "make", classmethod(lambda cls: None))
+    return str(request.param)
+
+
+def test_fork_exec_comm_exit_of_a_child(reading: str) -> None:
     with procevents.ProcEventSocket() as sock:
         code = "import ctypes; ctypes.CDLL(None).prctl(15, b'procev-renamed', 0, 0, 0)"
         child = subprocess.Popen([sys.executable, "-c", code])
@@ -52,7 +60,17 @@ def test_fork_exec_comm_exit_of_a_child() -> None:
     assert 0 <= time.monotonic_ns() - events[-1].stamp_ns < GUARD * 1e9
 
 
-def test_a_tiny_buffer_overflows_under_a_fork_burst() -> None:
+def test_a_burst_larger_than_one_batch_is_read_whole(reading: str) -> None:
+    with procevents.ProcEventSocket() as sock:
+        children = [subprocess.Popen(["/bin/true"]) for _ in range(procevents.BATCH)]
+        for child in children:
+            child.wait(GUARD)
+        pids = {child.pid for child in children}
+        events = collect(sock, lambda found: pids <= {e.pid for e in found if e.kind == "exit"})
+    assert len([e for e in events if e.kind == "exec" and e.pid in pids]) == len(pids)
+
+
+def test_a_tiny_buffer_overflows_under_a_fork_burst(reading: str) -> None:
     with procevents.ProcEventSocket(buffer_bytes=1) as sock:
         for _ in range(40):
             subprocess.run(["/bin/true"], check=True)
