@@ -4,13 +4,14 @@
 1. N execs (default 1,000) of a matching agent (a symlink to /bin/sleep named procev-agent), one at a
    time, from a separate process (as agents start beside a deployed daemon, not inside it): latency from
    the kernel's exec event (its CLOCK_MONOTONIC stamp) to the first read-back showing nice, policy, timer
-   slack and affinity all set. Prints p50/p99/max.
-2. RATE processes/s (default 500) forked and exec'd for SECONDS (default 30), every tenth one a matching
-   agent living 200 ms, the others /bin/true, from a separate process: the daemon's CPU time over that
-   window (this process, which runs only the daemon meanwhile), and what it did — events read, coalesced looks,
-   batches, agents tuned vs agents started (none may be lost), overflows.
+   slack and affinity all set. Prints p50/p99/max and the daemon's CPU per exec, by thread.
+2. RATE processes/s (default 500) forked and exec'd for SECONDS (default 30), every N-th one (default 10;
+   0: none) a matching agent living 200 ms, the others /bin/true, from a separate process: the daemon's
+   CPU time over that window (this process, which runs only the daemon meanwhile), and what it did —
+   events read, coalesced looks, batches, agents tuned vs agents started (none may be lost), overflows.
 
-    python benchmarks/exec_to_tuned.py [--execs 1000] [--rate 500] [--seconds 30]
+    python benchmarks/exec_to_tuned.py [--execs 1000] [--rate 500] [--seconds 30] [--agent-every 10]
+                                       [--skip-churn]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import os
 import pathlib
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,7 +52,6 @@ spec:
     pinToAgentCpus: true
 """
 TUNED = (-5, os.SCHED_BATCH, 1000, frozenset({1}))
-AGENT_EVERY = int(os.environ.get("AGENT_EVERY", "10"))
 
 
 def state(pid: int) -> tuple[int, int, int, frozenset[int]]:
@@ -99,15 +100,15 @@ def thread_cpu() -> dict[str, float]:
     return found
 
 
-def churn(agent: str, rate: int, seconds: float) -> tuple[int, int]:
-    """Fork+exec ``rate`` processes a second; every tenth a matching agent living 200 ms."""
+def churn(agent: str, rate: int, seconds: float, agent_every: int) -> tuple[int, int]:
+    """Fork+exec ``rate`` processes a second; every ``agent_every``-th a matching agent living 200 ms."""
     started = agents = 0
     children: list[subprocess.Popen[bytes]] = []
     begin = time.monotonic()
     while (now := time.monotonic()) - begin < seconds:
         due = int((now - begin) * rate)
         while started < due:
-            if started % AGENT_EVERY == 0:
+            if started % agent_every == 0:
                 children.append(subprocess.Popen([agent, "0.2"]))
                 agents += 1
             else:
@@ -125,12 +126,14 @@ def main() -> None:
     parser.add_argument("--execs", type=int, default=1000)
     parser.add_argument("--rate", type=int, default=500)
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--agent-every", type=int, default=10, metavar="N",
+                        help="every N-th churned process is a matching agent (default 10; 0: none)")
     parser.add_argument("--skip-churn", action="store_true", help="only the exec-to-tuned latencies")
     parser.add_argument("--churn-agent", help=argparse.SUPPRESS)
     parser.add_argument("--exec-agent", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.churn_agent:
-        print(*churn(args.churn_agent, args.rate, args.seconds))
+        print(*churn(args.churn_agent, args.rate, args.seconds, args.agent_every or 1 << 62))
         return
     if args.exec_agent:
         with procevents.ProcEventSocket() as sock:
@@ -164,7 +167,8 @@ def main() -> None:
         threads_before = thread_cpu()
         wall = time.monotonic()
         out = subprocess.run([sys.executable, __file__, "--churn-agent", str(agent), "--rate", str(args.rate),
-                              "--seconds", str(args.seconds)], capture_output=True, text=True, check=True)
+                              "--seconds", str(args.seconds), "--agent-every", str(args.agent_every)],
+                             capture_output=True, text=True, check=True)
         started, agents = (int(word) for word in out.stdout.split())
         time.sleep(1.0)
         wall = time.monotonic() - wall
@@ -188,6 +192,7 @@ def main() -> None:
         thread.join()
         report = engine.revert(context.Context(), node._open_journal(), ROOT)
         node.close()
+        shutil.rmtree(tmp)
         print(f"reverted: {'complete' if report.complete else 'INCOMPLETE'} ({report.writes} writes)")
 
 

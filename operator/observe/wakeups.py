@@ -580,6 +580,13 @@ def threads_of(pids: Iterable[int], cgroups: Iterable[str], root: pathlib.Path =
     return tids
 
 
+def _only_processes_changed(before: Mapping[int, Workload], after: Mapping[int, Workload]) -> bool:
+    """The same workloads with the same budgets and threads and no cgroups: only processes came or went."""
+    return before.keys() == after.keys() and all(
+        not spec.cgroups and not before[number].cgroups and spec.budget_us == before[number].budget_us
+        and spec.tids == before[number].tids for number, spec in after.items())
+
+
 def cgroup_id(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
@@ -663,9 +670,12 @@ class Collector:
         with self._lock:
             for spec in workloads:
                 self._numbers.setdefault(spec.name, len(self._numbers) + 1)
-            self.workloads = {self._numbers[spec.name]: spec for spec in workloads}
+            before, self.workloads = self.workloads, {self._numbers[spec.name]: spec for spec in workloads}
             if self._attached.is_set():
-                self._sync()
+                if _only_processes_changed(before, self.workloads):
+                    self._sync_processes(before)
+                else:
+                    self._sync()
 
     def _owners(self) -> dict[tuple[int, int], int]:
         want: dict[tuple[int, int], int] = {}
@@ -710,6 +720,25 @@ class Collector:
             _send(*key, 0)
         self._send_changed(want)
         self._sent = want
+
+    def _sync_processes(self, before: Mapping[int, Workload]) -> None:
+        """What :meth:`_sync` does when processes came or went and nothing else changed, for those processes
+        only: a new agent costs its own keys, not a pass over every tracked one."""
+        kept = {tid for spec in self.workloads.values() for tid in spec.tids}
+        for number, spec in self.workloads.items():  # every removal before any addition: a process may move
+            for pid in sorted(before[number].pids - spec.pids):
+                threads = self._threads_at_add.pop(pid, frozenset()) | set(threads_of([pid], [], self.root))
+                for key in [(KIND_PROCESS, pid), *((KIND_THREAD, tid) for tid in sorted(threads - kept))]:
+                    self._sent.pop(key, None)
+                    _send(*key, 0)
+        for number, spec in self.workloads.items():
+            for pid in sorted(spec.pids - before[number].pids):  # the process first, as in _sync
+                self._send_changed({(KIND_PROCESS, pid): number})
+                self._sent[KIND_PROCESS, pid] = number
+                threads = self._first_threads(pid, self._threads_at_add)
+                want = {(KIND_THREAD, tid): number for tid in threads}
+                self._send_changed(want)
+                self._sent.update(want)
 
     def _send_changed(self, want: Mapping[tuple[int, int], int]) -> None:
         for key, value in want.items():

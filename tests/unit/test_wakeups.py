@@ -8,6 +8,7 @@ import json
 import math
 import os
 import pathlib
+import tempfile
 
 import hypothesis.strategies as st
 import pytest
@@ -182,3 +183,50 @@ def test_a_wakeup_stamped_after_this_cpu_read_the_clock_is_neither_measured_nor_
     assert text.count("if ($pd.3 && $now > $pd.1)") == 3  # the task, IRQ and softirq charges, after the deadline
     measured = text.split("$wk = @wake[args->next_pid];", 1)[1]
     assert measured.index("if ($now > $wk.0)") < measured.index("$d = $now - $wk.0")
+
+
+PIDS = range(100, 106)
+
+
+def threads_tree(root: pathlib.Path) -> pathlib.Path:
+    """Processes 100-105 with two threads each (PID and PID+1000) under ROOT/proc."""
+    for pid in PIDS:
+        for tid in (pid, pid + 1000):
+            (root / f"proc/{pid}/task/{tid}").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sent_map(monkeypatch: pytest.MonkeyPatch) -> dict[tuple[int, int], int]:
+    """What the running program's map holds: _send(kind, key, 0) deletes, anything else sets."""
+    held: dict[tuple[int, int], int] = {}
+
+    def send(kind: int, key: int, value: int) -> None:
+        if value:
+            held[kind, key] = value
+        else:
+            held.pop((kind, key), None)
+    monkeypatch.setattr(wakeups, "_send", send)
+    return held
+
+
+@given(st.lists(st.tuples(st.frozensets(st.sampled_from(PIDS)), st.frozensets(st.sampled_from(PIDS))),
+                min_size=1, max_size=6))
+def test_processes_coming_and_going_leave_the_map_a_full_sync_would(
+        steps: list[tuple[frozenset[int], frozenset[int]]]) -> None:
+    """Only processes changed: the collector sends just their keys, and the map ends as a fresh collector's
+    full sync of the last workloads leaves it, processes moving between workloads included."""
+    with pytest.MonkeyPatch.context() as monkeypatch, tempfile.TemporaryDirectory() as tmp:
+        root = threads_tree(pathlib.Path(tmp))
+        held = sent_map(monkeypatch)
+        collector = wakeups.Collector([], frozenset({1}), root=root)
+        collector._attached.set()
+        for agents, tools in steps:
+            collector.set_workloads([wakeups.Workload("agent", 500, pids=agents),
+                                     wakeups.Workload("tool", 800, pids=tools - agents)])
+        incremental = dict(held)
+        held.clear()
+        fresh = wakeups.Collector(list(collector.workloads.values()), frozenset({1}), root=root)
+        fresh._attached.set()
+        fresh._sync()
+    assert incremental == held
+    assert collector._sent == fresh._sent
