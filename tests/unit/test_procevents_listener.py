@@ -121,3 +121,17 @@ def test_a_child_triage_found_not_worth_planning_still_journals_what_it_inherite
     assert rows(log, 400) == {("isolation", "affinity"): "0-7"}
     assert engine.revert(context.Context(), log, root).complete
     assert [affinity(root, pid) for pid in (200, 400, 401)] == ["0-7", "0-7", "0-7"]
+
+
+def test_the_reader_counts_its_event_rate_over_whole_windows() -> None:
+    """What switches the reader to its longer coalescing: a churn's rate over the last 100 ms window, not
+    one burst of a fork and an exec, and nothing after the events stop."""
+    rate = procevents.Rate(0.1)
+    rate.add(3, 10.0)  # a single exec's fork, exec and exit, after a long quiet
+    assert rate.per_second(10.002) == 0.0
+    for step in range(1, 60):  # 1,500 events/s: three every 2 ms
+        rate.add(3, 10.0 + step * 0.002)
+    assert 1400 <= rate.per_second(10.12) <= 1600
+    assert rate.per_second(10.5) == 0.0, "quiet for over two windows"
+    rate.add(3, 11.0)
+    assert rate.per_second(11.001) == 0.0, "the window before was a quiet gap, not a rate"
