@@ -422,7 +422,8 @@ class Listener:
                 ready = now if self._ready else math.inf
                 wake = min(settle, ready, urgent, next_strays, next_scan if self._source is None else math.inf)
                 idle = wake > now + EARLY
-                unflushed = idle and self._urgent_since is None and self._own is not None and self._own.unflushed()
+                unflushed = (idle and not self._pending() and self._own is not None  # else the next batch's
+                             and self._own.unflushed())  # commit takes the outcomes along
                 if idle and not unflushed:
                     self._cv.wait(min(1.0, wake - now))
                     continue
