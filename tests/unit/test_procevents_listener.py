@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -21,6 +22,7 @@ from tests.plugins import hosts
 from tests.workloadgen import Proc, Spec, Thread
 
 BOOT = "00000000-0000-4000-8000-000000000001"
+GUARD = 10.0
 AGENT = policy.Workload("agent-loop", "agent-interactive", process_selector=policy.ProcessSelector(comm="^agent-loop$"),
                         nice=-5, pin_to_agent_cpus=True)
 POLICY = policy.Policy(name="iso", agent_cpus=cpulist.parse("6-7"), workloads=(AGENT,),
@@ -135,3 +137,30 @@ def test_the_reader_counts_its_event_rate_over_whole_windows() -> None:
     assert rate.per_second(10.5) == 0.0, "quiet for over two windows"
     rate.add(3, 11.0)
     assert rate.per_second(11.001) == 0.0, "the window before was a quiet gap, not a rate"
+
+
+def test_without_the_connector_a_proc_scan_finds_new_agents_and_says_why(
+        root: pathlib.Path, log: journal.Journal, tmp_path: pathlib.Path) -> None:
+    """No proc connector (not root, another namespace, an old kernel): Degraded says so, and the worker scans
+    /proc every scan_interval, triaging and tuning what it finds itself."""
+    def unavailable() -> kernel.ProcEventSocket:
+        raise kernel.Unavailable("joining the proc connector group needs CAP_NET_ADMIN (EPERM)")
+
+    made = procevents.Listener(root, desired=lambda: (POLICY, 1), log=lambda: log, selection=lambda: None,
+                               full_running=lambda: False, resync=lambda reason: None, source=unavailable,
+                               options=procevents.Options(scan_interval=0.05, stray_interval=3600))
+    made.start()
+    try:
+        assert [reason for reason, _ in made.degraded()] == ["NoProcessEvents"]
+        deadline = time.monotonic() + GUARD
+        while made.counts["scans"] < 2 and time.monotonic() < deadline:  # the first scan is the baseline
+            time.sleep(0.01)
+        agent = Proc(403, "agent-loop", ("agent",), threads=(Thread(403, affinity="0-5"),))
+        later = workloadgen.build(Spec(processes=(PARENT, agent)), tmp_path / "scan")
+        shutil.copytree(later / "proc/403", root / "proc/403")
+        while affinity(root, 403) != "6-7" and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        made.stop()
+    assert affinity(root, 403) == "6-7" and taskattrs.backend(root).attrs(403, 403).nice == -5
+    assert rows(log, 403) == {("sched", "nice"): "0", ("sched", "affinity"): "0-5"}
