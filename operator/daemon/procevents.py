@@ -90,6 +90,7 @@ class _Pending:
     events: int = 1
     ready: bool = False  # triaged: worth planning now, by the worker
     stat: str | None = None  # the /proc/PID/stat triage read, for the worker's batch
+    worth: bool = False  # triage found it worth planning under the policy the worker plans by
 
 
 @dataclasses.dataclass(frozen=True)
@@ -358,7 +359,7 @@ class Listener:
                 pending.events += 1
                 self.counts["coalesced"] += 1
                 if urgent:  # the exec or rename is what the look is for: latency counts from it
-                    pending.stamp_ns, pending.urgent, pending.stat = event.stamp_ns, True, None
+                    pending.stamp_ns, pending.urgent, pending.stat, pending.worth = event.stamp_ns, True, None, False
             if wake:
                 self._cv.notify()
 
@@ -483,17 +484,18 @@ class Listener:
             return
         fs = self._triage_fs
         fs.begin()
-        if sorting is None or sorting[0] is not effective or sorting[1] != generation:
-            ready = set(urgent)  # no plan for this policy yet: the worker makes one and decides
-        else:
+        decided = sorting is not None and sorting[0] is effective and sorting[1] == generation
+        if decided and sorting is not None:
             ready = {pid for pid in urgent if _worth_planning(effective, sorting[2], fs, pid)}
+        else:
+            ready = set(urgent)  # no plan for this policy yet: the worker makes one and decides
         with self._cv:
             for pid in urgent:
                 pending = self._looks.get(pid)
                 if pending is None or pending.urgent:
                     continue  # gone meanwhile, or exec'd again: triaged afresh
                 if pid in ready:
-                    pending.ready, pending.stat = True, fs.cached(f"proc/{pid}/stat")
+                    pending.ready, pending.stat, pending.worth = True, fs.cached(f"proc/{pid}/stat"), decided
                 else:  # looked at and not worth it: the settle batch would only read it again
                     del self._looks[pid]
             if ready:
@@ -552,7 +554,10 @@ class Listener:
             return
         base_host, cpus, hierarchies = template.host, template.cpus, template.hierarchies
         fs = self._fs
-        fs.pids = frozenset(pid for pid in looks if _worth_planning(effective, cpus, fs, pid))
+        sorting = self._sorting
+        decided = sorting is not None and sorting[0] is effective and sorting[1] == generation  # as triage did
+        fs.pids = frozenset(pid for pid, pending in looks.items()
+                            if (decided and pending.worth) or _worth_planning(effective, cpus, fs, pid))
         actions: list[plan.Action] = []
         if fs.pids:
             discovery = workloads.Discovery(fs, taskattrs.backend(fs.root), cgroups=self._cgroups,

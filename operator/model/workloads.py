@@ -420,7 +420,7 @@ class Discovery:
                 attrs = self.backend.attrs(pid, tid)
             except (OSError, ValueError, taskattrs.Unsupported):
                 continue  # exited meanwhile, or no attributes recorded for it
-            for attr in taskattrs.ATTR_NAMES:
+            for attr in taskattrs.ATTR_NAMES if self.fs.overrides else ():
                 original = self.fs.overrides.get(task_key(pid, tid, stat.start, attr))
                 if original is not None:
                     attrs = taskattrs.with_value(attrs, attr, original)
@@ -452,14 +452,15 @@ class Discovery:
     def _cgroups_of(self, paths: list[tuple[str, str]]) -> tuple[Cgroup, ...]:
         groups = []
         # a path relative to another cgroup namespace (with "..") cannot be placed on this root
-        placeable = [(names, frozenset(names.split(",")) if names else frozenset(), path) for names, path in paths
-                     if ".." not in path.split("/")]
+        by_names: dict[frozenset[str] | None, list[str]] = {}  # None: the v2 hierarchy
+        for names, path in paths:
+            if ".." not in path.split("/"):
+                by_names.setdefault(frozenset(names.split(",")) if names else None, []).append(path)
         for hierarchy in _preferred(self.hierarchies()):
-            for names, wanted, path in placeable:
-                if (hierarchy.version == 2 and not names) or (hierarchy.version == 1 and wanted == hierarchy.names):
-                    group = self._cgroup(hierarchy, path)
-                    if group is not None:
-                        groups.append(group)
+            for path in by_names.get(hierarchy.names if hierarchy.version == 1 else None, ()):
+                group = self._cgroup(hierarchy, path)
+                if group is not None:
+                    groups.append(group)
         return tuple(groups)
 
     def _cgroups_at(self, path: str) -> tuple[Cgroup, ...]:
