@@ -563,10 +563,9 @@ class Listener:
             discovery = workloads.Discovery(fs, taskattrs.backend(fs.root), cgroups=self._cgroups,
                                             hierarchies=hierarchies)
             model = host.with_processes(base_host, discovery, selection=self._selection(),
-                                        wanted=effective.workloads, check_self=False)  # the full plan did
-            if effective.isolation.move_threads:  # isolation leaves workloads' threads alone: not read again
-                claimed = {p.pid for found in model.found.values() for p in found.processes}
-                model = dataclasses.replace(model, threads=tuple(discovery.threads(fs.pids - claimed)))
+                                        wanted=effective.workloads, check_self=False,  # the full plan did
+                                        threads=fs.pids if effective.isolation.move_threads else False,
+                                        unclaimed_threads=True)
             self._found(model.found, fs.pids, exited)
             actions = list(_actions(effective, model, cpus, fs.pids))
         else:

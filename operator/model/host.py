@@ -173,11 +173,14 @@ def read(root: pathlib.Path, fs: hostfs.HostFS | None = None, *, selection: work
 
 def with_processes(model: Host, discovery: workloads.Discovery, *, selection: workloads.Selection | None,
                    wanted: Iterable[policy.Workload], threads: bool | frozenset[int] = False,
-                   check_self: bool = True) -> Host:
+                   check_self: bool = True, unclaimed_threads: bool = False) -> Host:
     """``model`` with its process facts read anew through ``discovery``: the daemon's reaction to new
     processes re-reads only them, on the host model it already has. ``check_self=False`` keeps the
-    model's ``self_selected``: for a reaction to other processes, under a policy already checked."""
-    return dataclasses.replace(model, **_processes(discovery, selection, wanted, threads, check_self))
+    model's ``self_selected``: for a reaction to other processes, under a policy already checked.
+    ``unclaimed_threads``: ``threads`` lists only processes no wanted workload found (isolation leaves
+    workloads' threads alone, so the daemon does not read them twice)."""
+    return dataclasses.replace(model, **_processes(discovery, selection, wanted, threads, check_self,
+                                                   unclaimed_threads))
 
 
 def resume_latency_file(cpu: int) -> str:
@@ -186,13 +189,17 @@ def resume_latency_file(cpu: int) -> str:
 
 def _processes(discovery: workloads.Discovery, selection: workloads.Selection | None,
                wanted: Iterable[policy.Workload], threads: bool | frozenset[int],
-               check_self: bool = True) -> dict[str, Any]:
+               check_self: bool = True, unclaimed_threads: bool = False) -> dict[str, Any]:
     chosen = tuple(wanted)
+    by_workload = {workload.name: discovery.find(workload, workloads.pods_for(selection, workload))
+                   for workload in chosen}
+    pids = threads if isinstance(threads, frozenset) else None
+    if unclaimed_threads and pids is not None:
+        pids = pids - {process.pid for each in by_workload.values() for process in each.processes}
     found: dict[str, Any] = {
         "selection": selection,
-        "found": {workload.name: discovery.find(workload, workloads.pods_for(selection, workload))
-                  for workload in chosen},
-        "threads": tuple(discovery.threads(threads if isinstance(threads, frozenset) else None)) if threads else None,
+        "found": by_workload,
+        "threads": tuple(discovery.threads(pids)) if threads else None,
     }
     if check_self:
         found["self_selected"] = frozenset(workload.name for workload in chosen if discovery.selects_self(workload))

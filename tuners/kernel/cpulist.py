@@ -7,6 +7,7 @@ before it is looked at, so a hostile ``0-4294967295`` or a megabyte mask costs n
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -24,6 +25,14 @@ class CpuListError(ValueError):
 
 def parse(text: str) -> CpuSet:
     """Parse kernel cpulist syntax, including the ``0-15:2/4`` group form the kernel accepts."""
+    return _parse(text) if len(text) <= _CACHED_TEXT else _parse.__wrapped__(text)
+
+
+_CACHED_TEXT = 256  # the lists a host repeats (every task's "0-63", a policy's agent CPUs): parsed once
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> CpuSet:
     text = text.strip()
     if not text:
         return frozenset()
