@@ -244,20 +244,7 @@ class Journal:
             return
         now = self._clock()
         values = [(t, target, self.boot_id, o, d, p, g, now, now) for t, target, o, d, p, g in rows]
-        if all(target.startswith(TASK_PREFIX) for _, target, *_ in rows):
-            self._unsynced(_UPSERT, values)
-            return
-        with self._lock:
-            later, self._later = self._later, []
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                if later:
-                    self._conn.executemany(_OUTCOMES, later)
-                self._conn.executemany(_UPSERT, values)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        self._transaction(_UPSERT, values, synced=not all(target.startswith(TASK_PREFIX) for _, target, *_ in rows))
 
     def record_outcomes(self, rows: list[tuple[str, str, str, str]], *, later: bool = False) -> None:
         """Many (tuner, target, outcome, detail) in one transaction, not fsynced: an outcome lost in a
@@ -270,11 +257,11 @@ class Journal:
             with self._lock:
                 self._later += values
             return
-        self._unsynced(_OUTCOMES, values)
+        self._transaction(_OUTCOMES, values, synced=False)
 
     def flush(self) -> None:
         """Commit the outcomes kept for later."""
-        self._unsynced(_OUTCOMES, [])
+        self._transaction(_OUTCOMES, [], synced=False)
 
     def unflushed(self) -> bool:
         """Whether outcomes kept for later wait for a commit."""
@@ -284,16 +271,19 @@ class Journal:
     def forget_tasks(self, tasks: list[tuple[int, int | None]]) -> None:
         """Forget every ``task/PID/TID@...`` target of exited threads ((pid, None): the whole process), in
         one transaction, not fsynced: a forgotten row a crash brings back names a thread that is gone."""
-        self._unsynced("DELETE FROM originals WHERE target >= ? AND target < ? AND boot_id = ?",
-                       [(*_prefix_range(f"task/{pid}/" if tid is None else f"task/{pid}/{tid}@"), self.boot_id)
-                        for pid, tid in tasks])
+        self._transaction("DELETE FROM originals WHERE target >= ? AND target < ? AND boot_id = ?",
+                          [(*_prefix_range(f"task/{pid}/" if tid is None else f"task/{pid}/{tid}@"), self.boot_id)
+                           for pid, tid in tasks], synced=False)
 
-    def _unsynced(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+    def _transaction(self, sql: str, rows: list[tuple[Any, ...]], *, synced: bool) -> None:
+        """``rows`` through ``sql`` in one transaction, after the outcomes kept for later; fsynced only when
+        ``synced`` (the connection is FULL otherwise)."""
         with self._lock:
             later, self._later = self._later, []
             if not rows and not later:
                 return
-            self._conn.execute("PRAGMA synchronous=NORMAL")
+            if not synced:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -306,7 +296,8 @@ class Journal:
                     raise
                 self._conn.execute("COMMIT")
             finally:
-                self._conn.execute("PRAGMA synchronous=FULL")
+                if not synced:
+                    self._conn.execute("PRAGMA synchronous=FULL")
 
     def data_version(self) -> int:
         """Changes whenever another connection commits, never with this one's own commits: a connection

@@ -450,10 +450,6 @@ class Listener:
             exits, self._exits = self._exits, []
             forks, self._forks = self._forks, {}
             self._urgent_since, self._ready, self._untriaged = None, False, set()
-        self._fs.begin()
-        for pid, pending in looks.items():
-            if pending.stat is not None:
-                self._fs.preload(f"proc/{pid}/stat", pending.stat)
         if looks or exits or forks:
             self.handle(looks, exits, forks)
 
@@ -479,14 +475,14 @@ class Listener:
         if not urgent:
             return
         effective, generation = self._desired()
-        sorting = self._sorting
         if effective is None or effective.mode == "DryRun":
             return
         fs = self._triage_fs
         fs.begin()
-        decided = sorting is not None and sorting[0] is effective and sorting[1] == generation
-        if decided and sorting is not None:
-            ready = {pid for pid in urgent if _worth_planning(effective, sorting[2], fs, pid)}
+        cpus = self._triage_cpus(effective, generation)
+        decided = cpus is not None
+        if cpus is not None:
+            ready = {pid for pid in urgent if _worth_planning(effective, cpus, fs, pid)}
         else:
             ready = set(urgent)  # no plan for this policy yet: the worker makes one and decides
         with self._cv:
@@ -517,10 +513,6 @@ class Listener:
                 del self._forks[tid]
             exits = [exit_ for exit_ in self._exits if exit_[0] in looks]
             self._exits = [exit_ for exit_ in self._exits if exit_[0] not in looks]
-        self._fs.begin()
-        for pid, pending in looks.items():
-            if pending.stat is not None:
-                self._fs.preload(f"proc/{pid}/stat", pending.stat)
         self.handle(looks, exits, forks)
 
     def _guard(self, step: Callable[[], None]) -> None:
@@ -554,8 +546,11 @@ class Listener:
             return
         base_host, cpus, hierarchies = template.host, template.cpus, template.hierarchies
         fs = self._fs
-        sorting = self._sorting
-        decided = sorting is not None and sorting[0] is effective and sorting[1] == generation  # as triage did
+        fs.begin()
+        for pid, pending in looks.items():
+            if pending.stat is not None:  # what triage read a moment ago
+                fs.preload(f"proc/{pid}/stat", pending.stat)
+        decided = self._triage_cpus(effective, generation) is not None  # a verdict triage gave stands
         fs.pids = frozenset(pid for pid, pending in looks.items()
                             if (decided and pending.worth) or _worth_planning(effective, cpus, fs, pid))
         actions: list[plan.Action] = []
@@ -596,6 +591,13 @@ class Listener:
         if self._metrics is not None:
             for (outcome, tuner), count in collections.Counter((r.outcome, r.tuner) for r in report.results).items():
                 self._metrics.actions.labels(outcome, tuner).inc(count)
+
+    def _triage_cpus(self, effective: policy.Policy, generation: int | None) -> plan.Cpus | None:
+        """The CPU split triage decides by, if the worker has planned ``effective`` at ``generation``."""
+        sorting = self._sorting
+        if sorting is None or sorting[0] is not effective or sorting[1] != generation:
+            return None
+        return sorting[2]
 
     def _journal(self) -> journal.Journal:
         """The listener's own connection to the daemon's journal: its data_version moves only with what the

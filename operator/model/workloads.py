@@ -396,16 +396,16 @@ class Discovery:
         with self._lock:
             if (pid, pod) in self._processes:
                 return self._processes[pid, pod]
-        threads = tuple(self._threads(pid))
+        threads = tuple(self._threads(pid, stat))
         process = Process(pid, stat.start, stat.comm, groups, threads, pod) if threads else None
         with self._lock:
             self._processes[pid, pod] = process
         return process
 
-    def _live_tasks(self, pid: int) -> Iterator[tuple[int, Stat]]:
-        """(tid, stat) of each thread of ``pid`` that is neither a zombie nor dead. A process with one thread
-        (every process just after exec) has only its leader: no listing of its task directory."""
-        process = self._stat(f"proc/{pid}/stat")
+    def _live_tasks(self, pid: int, process: Stat | None = None) -> Iterator[tuple[int, Stat]]:
+        """(tid, stat) of each thread of ``pid`` that is neither a zombie nor dead. A process whose stat (as the
+        caller just read it) counts one thread, as every process has just after exec, has only its leader:
+        no listing of its task directory."""
         names = [str(pid)] if process is not None and process.threads == 1 else self.fs.listdir(f"proc/{pid}/task")
         for name in names:
             if not name.isdigit():
@@ -414,8 +414,8 @@ class Discovery:
             if stat is not None and stat.state not in "ZX":
                 yield int(name), stat
 
-    def _threads(self, pid: int) -> Iterator[Task]:
-        for tid, stat in self._live_tasks(pid):
+    def _threads(self, pid: int, process: Stat) -> Iterator[Task]:
+        for tid, stat in self._live_tasks(pid, process):
             try:
                 attrs = self.backend.attrs(pid, tid)
             except (OSError, ValueError, taskattrs.Unsupported):

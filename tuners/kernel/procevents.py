@@ -235,7 +235,7 @@ class _Batch:
         count = self._recvmmsg(fd, ctypes.addressof(self._vector), BATCH, socket.MSG_DONTWAIT, None)
         if count < 0:
             code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code)) if code != errno.EAGAIN else BlockingIOError(code, "no data")
+            raise OSError(code, os.strerror(code))  # EAGAIN makes it a BlockingIOError
         return [self._buffers[index].raw[:self._vector[index].len] for index in range(count)]
 
 
