@@ -240,7 +240,9 @@ def daemon_running(policy_file: pathlib.Path, state: pathlib.Path) -> Iterator[N
 
 
 def revert(state: pathlib.Path) -> None:
-    subprocess.run([*CLI, "revert", "--state", str(state)], check=True, capture_output=True, timeout=120)
+    done = subprocess.run([*CLI, "revert", "--state", str(state)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"agentlat revert --state {state} exited {done.returncode}:\n{done.stdout}{done.stderr}")
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -290,8 +292,8 @@ def main() -> int:
     phases = [name for name in args.phases.split(",") if name in PHASES]
     results: dict[str, list[stats.Summary]] = {name: [] for name in phases}
     problems: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="agentlat-vs-tuna-") as scratch_dir:
-        scratch = pathlib.Path(scratch_dir)
+    scratch = pathlib.Path(tempfile.mkdtemp(prefix="agentlat-vs-tuna-"))
+    try:
         policy_file = scratch / "policy.yaml"
         policy_file.write_text(POLICY.format(agent=agent))
         print(f"cyclictest -t1 -a {agent} -i 500 --policy other under stress-ng --cpu {os.cpu_count()} --udp 1 "
@@ -311,6 +313,11 @@ def main() -> int:
                 results[name].append(summary)
                 cells.append(f"{name} {summary.p99:.0f} / {summary.p999:.0f} (max {summary.max:.0f} at {worst:.0f} ms)")
             print(f"round {index}: " + "   ".join(cells), flush=True)
+    except BaseException:  # a phase's journal is what puts the host back: not deleted with the scratch dir
+        print(f"vs_tuna: stopped; {scratch} is kept: `agentlat revert --state {scratch}/state-B` (or state-D) puts "
+              "back what a phase left", file=sys.stderr)
+        raise
+    shutil.rmtree(scratch)
     print()
     print(f"{'phase':<9} {'p99 median':>10} {'p99 min-max':>13} {'p999 median':>11} {'p999 min-max':>13} "
           f"{'max median':>10} {'samples':>8}")
